@@ -1,0 +1,48 @@
+// Declarations of the dflare ops' per-device kernels. The schemas (argument meaning,
+// shapes, dtypes) are documented once, in ops.cpp and in the Python wrappers
+// dflare_sgl/layer_mix.py and dflare_sgl/verify.py.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace dflare {
+
+void layer_mix_kv_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& fusion_probs,
+                      const std::optional<at::Tensor>& fc_weight,
+                      const at::Tensor& hidden_norm_weight, const at::Tensor& k_proj_weight,
+                      const at::Tensor& v_proj_weight,
+                      const std::optional<at::Tensor>& k_proj_bias,
+                      const std::optional<at::Tensor>& v_proj_bias,
+                      const at::Tensor& k_norm_weight, double eps, const at::Tensor& positions,
+                      const at::Tensor& cos_sin_cache, const at::Tensor& slots,
+                      at::TensorList k_caches, at::TensorList v_caches);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_block_cpu(
+    const at::Tensor& draft_tokens, const at::Tensor& logits, const at::Tensor& seq_lens,
+    const at::Tensor& remaining, const at::Tensor& temperatures, const at::Tensor& top_k,
+    const at::Tensor& top_p, const at::Tensor& seeds, const at::Tensor& stop_token_ids,
+    const at::Tensor& block_slots);
+
+#ifdef DFLARE_WITH_CUDA
+void layer_mix_kv_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& fusion_probs,
+                       const std::optional<at::Tensor>& fc_weight,
+                       const at::Tensor& hidden_norm_weight, const at::Tensor& k_proj_weight,
+                       const at::Tensor& v_proj_weight,
+                       const std::optional<at::Tensor>& k_proj_bias,
+                       const std::optional<at::Tensor>& v_proj_bias,
+                       const at::Tensor& k_norm_weight, double eps, const at::Tensor& positions,
+                       const at::Tensor& cos_sin_cache, const at::Tensor& slots,
+                       at::TensorList k_caches, at::TensorList v_caches);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_block_cuda(
+    const at::Tensor& draft_tokens, const at::Tensor& logits, const at::Tensor& seq_lens,
+    const at::Tensor& remaining, const at::Tensor& temperatures, const at::Tensor& top_k,
+    const at::Tensor& top_p, const at::Tensor& seeds, const at::Tensor& stop_token_ids,
+    const at::Tensor& block_slots);
+#endif
+
+}  // namespace dflare

@@ -1,0 +1,37 @@
+"""Loads the optional C++/CUDA extension that registers ``torch.ops.dflare.*``.
+
+Every op wrapper asks :func:`has_kernel` before dispatching to the extension and falls back
+to its plain PyTorch reference otherwise, so the package works with no extension built.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def extension_loaded() -> bool:
+    """True when ``dflare_sgl._C`` imported and registered its ops.
+
+    ``DFLARE_DISABLE_EXT=1`` forces the PyTorch reference path (for A/B checks).
+    """
+    if os.environ.get("DFLARE_DISABLE_EXT") == "1":
+        return False
+    try:
+        from dflare_sgl import _C  # noqa: F401  (import runs the TORCH_LIBRARY registration)
+    except ImportError:
+        return False
+    return hasattr(torch.ops, "dflare") and hasattr(torch.ops.dflare, "verify_block")
+
+
+def has_kernel(op_name: str, device: torch.device) -> bool:
+    """Whether ``torch.ops.dflare.<op_name>`` has a kernel for ``device``'s type."""
+    if not extension_loaded():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dflare::{op_name}", key)
