@@ -47,7 +47,7 @@ def _extensions():
         else bool(torch.version.cuda) and cuda_home is not None
     )
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
     if not with_cuda:
         ext = CppExtension("dflare_sgl._C", sources, extra_compile_args={"cxx": cxx_flags})
         return [ext], {"build_ext": BuildExtension}
@@ -72,7 +72,7 @@ def _extensions():
         define_macros=[("DFLARE_WITH_CUDA", None)],
         extra_compile_args={
             "cxx": cxx_flags + ["-DDFLARE_WITH_CUDA"],
-            "nvcc": ["-O3", "-std=c++17", "-DDFLARE_WITH_CUDA", "--expt-relaxed-constexpr"],
+            "nvcc": ["-O3", "-std=c++20", "-DDFLARE_WITH_CUDA", "--expt-relaxed-constexpr"],
         },
     )
     return [ext], {"build_ext": BuildExtension}

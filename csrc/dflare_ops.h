@@ -27,6 +27,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_bl
     const at::Tensor& top_p, const at::Tensor& seeds, const at::Tensor& stop_token_ids,
     const at::Tensor& block_slots);
 
+// Device-independent pieces of layer_mix_kv (layer_mix_kv.cpp), shared with the CUDA kernel.
+void check_layer_mix_kv_args(
+    const at::Tensor& hidden, const std::optional<at::Tensor>& fusion_probs,
+    const std::optional<at::Tensor>& fc_weight, const at::Tensor& hidden_norm_weight,
+    const at::Tensor& k_proj_weight, const at::Tensor& v_proj_weight,
+    const std::optional<at::Tensor>& k_proj_bias, const std::optional<at::Tensor>& v_proj_bias,
+    const at::Tensor& k_norm_weight, const at::Tensor& positions, const at::Tensor& cos_sin_cache,
+    const at::Tensor& slots, at::TensorList k_caches, at::TensorList v_caches);
+at::Tensor project_layer_mix_context(const at::Tensor& ctx, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias);
+
 #ifdef DFLARE_WITH_CUDA
 void layer_mix_kv_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& fusion_probs,
                        const std::optional<at::Tensor>& fc_weight,
