@@ -1,0 +1,312 @@
+"""Lossless block speculative decoding in plain PyTorch: the reference engine.
+
+One step for a batch of requests (DESIGN.md section 3)::
+
+    draft:   [x_last, MASK x (B-1)] --one draft forward--> d_1 .. d_{B-1}   (greedy)
+    verify:  target([x_last, d_1 .. d_{B-1}]) -> logits z_0 .. z_{B-1}      (one causal pass)
+    accept:  t_k = sample(z_k); keep d_k while d_k == t_{k-1}; bonus = t_a  (verify_block)
+    commit:  accepted + bonus; the target KV of rejected positions is masked / dropped, and the
+             draft gets the committed tokens' target hidden states as new context (layer_mix_kv)
+
+Sampling is Gumbel-max with noise that depends only on (request seed, position, token id), so
+every committed token equals what target-only sampling with the same noise would emit: the
+output distribution is exactly the target's, and greedy output is the target's greedy output.
+
+Cache layouts. The target is a stock HF model with a ``DynamicCache``: requests are padded to
+a common column count and each request's rejected columns stay as masked "holes" (columns past
+the longest accepted prefix are cropped). The draft keeps only context K/V (the block is
+recomputed each step), in a paged cache ``[num_slots, kv_heads, head_dim]`` per layer as in
+SGLang, with request i's position p at slot ``i * capacity + p``; a request attends to its
+first ``seq_len`` slots, so rejected positions are simply overwritten by the next step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from dflare_sgl.draft_model import DFlareDraftModel, capture_target_hidden
+from dflare_sgl.layer_mix import layer_mix_kv
+from dflare_sgl.verify import sample_rows, verify_block
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. ``temperature <= 0`` is greedy; ``top_k <= 0`` and
+    ``top_p >= 1`` switch those filters off. Generation ends after ``max_new_tokens`` tokens
+    or on the first of ``stop_token_ids`` (which is kept in the output)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationResult:
+    """What one request produced, with its speculative-decoding statistics."""
+
+    tokens: list[int] = field(default_factory=list)
+    # Tokens committed by each draft+verify step (accepted drafts + the bonus token): the
+    # per-step acceptance length tau. The first token comes from prefill, not a step.
+    accept_lengths: list[int] = field(default_factory=list)
+    num_drafted: int = 0
+    num_accepted: int = 0
+    wall_time_s: float = 0.0
+    finish_reason: str = "length"
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per target forward in the decode phase."""
+        return sum(self.accept_lengths) / max(len(self.accept_lengths), 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+
+def _drop_cache_tail(cache: DynamicCache, length: int) -> None:
+    # A negative crop removes that many columns from the end in every transformers version
+    # (a positive one means "keep this many" in 4.x and is rejected in 5.x).
+    removed = cache.get_seq_length() - length
+    if removed > 0:
+        cache.crop(-removed)
+
+
+class SpeculativeDecoder:
+    """Batched DFlare / DFlash speculative decoding of an HF causal LM target.
+
+    Args:
+      target: HF causal LM (Llama, Qwen3, ...) whose forward returns ``hidden_states``; its
+        input embedding and output head are the draft's too.
+      draft: a draft model for this target (checked with ``draft.check_compatible``).
+      block_size: tokens verified per step (x_last + B-1 drafts); defaults to the draft's.
+    """
+
+    def __init__(
+        self, target: PreTrainedModel, draft: DFlareDraftModel, block_size: int | None = None
+    ) -> None:
+        draft.check_compatible(target.config)
+        self.target = target.eval()
+        self.draft = draft.eval()
+        self.block_size = int(block_size or draft.block_size)
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2 (one token plus drafts), got {block_size}")
+        self.device = next(target.parameters()).device
+        self.draft_dtype = next(draft.parameters()).dtype
+        with torch.no_grad():  # stacked once; the op takes plain tensors, not parameters
+            self.mix_weights = draft.layer_mix_weights()
+        self.embed = target.get_input_embeddings()
+        self.lm_head = target.get_output_embeddings()
+        self.max_positions = min(
+            int(getattr(target.config, "max_position_embeddings", 1 << 30)),
+            self.mix_weights.cos_sin_cache.shape[0],
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        on_commit: Callable[[int, list[int]], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Decode every prompt (token ids) to completion.
+
+        ``params`` is one setting for all requests or one per request. ``on_commit(i, tokens)``
+        is called with each request's newly committed tokens as they appear (streaming).
+        """
+        start = time.perf_counter()
+        bs = len(prompts)
+        plist = [params] * bs if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != bs:
+            raise ValueError(f"got {len(plist)} SamplingParams for {bs} prompts")
+        if bs == 0:
+            return []
+        B, dev = self.block_size, self.device
+        lens = [len(p) for p in prompts]
+        if min(lens) == 0:
+            raise ValueError("every prompt needs at least one token")
+        budget = max(lens) + max(p.max_new_tokens for p in plist) + B
+        if budget > self.max_positions:
+            raise ValueError(
+                f"prompt ({max(lens)} tokens) + max_new_tokens + block size ({B}) = {budget} "
+                f"exceeds the model's {self.max_positions} positions: shorten the prompt or "
+                "lower max_new_tokens"
+            )
+
+        # Per-request sampling state, as device tensors for verify_block.
+        temps = torch.tensor([p.temperature for p in plist], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([p.top_k for p in plist], dtype=torch.int64, device=dev)
+        top_p = torch.tensor([p.top_p for p in plist], dtype=torch.float32, device=dev)
+        seeds = torch.tensor([p.seed for p in plist], dtype=torch.int64, device=dev)
+        num_stops = max(len(p.stop_token_ids) for p in plist)
+        stops = torch.full((bs, num_stops), -1, dtype=torch.int64, device=dev)
+        for i, p in enumerate(plist):
+            stops[i, : len(p.stop_token_ids)] = torch.tensor(p.stop_token_ids, dtype=torch.int64)
+
+        results = [GenerationResult() for _ in range(bs)]
+        x_last, seq_lens = self._prefill(prompts, lens, budget, temps, top_k, top_p, seeds)
+        active = []  # request ids still decoding, in target-cache batch order
+        for i, p in enumerate(plist):
+            tok = int(x_last[i])
+            if p.max_new_tokens == 0:
+                continue
+            results[i].tokens.append(tok)
+            if on_commit is not None:
+                on_commit(i, [tok])
+            if tok in p.stop_token_ids:
+                results[i].finish_reason = "stop"
+            elif p.max_new_tokens > 1:
+                active.append(i)
+        self._select_target_rows(active, list(range(bs)))
+
+        while active:
+            ids = torch.tensor(active, device=dev)
+            remaining = torch.tensor(
+                [plist[i].max_new_tokens - len(results[i].tokens) for i in active], device=dev
+            )
+            out = self._step(ids, x_last[ids], seq_lens[ids], remaining, temps, top_k, top_p,
+                             seeds, stops, budget)
+            seq_lens[ids] = out.new_seq_lens
+            n_committed = out.num_committed.tolist()
+            committed = out.committed.tolist()
+            still = []
+            for row, i in enumerate(active):
+                new = committed[row][: n_committed[row]]
+                r = results[i]
+                r.tokens.extend(new)
+                r.accept_lengths.append(len(new))
+                r.num_drafted += B - 1
+                r.num_accepted += int(out.accept_lens[row])
+                x_last[i] = new[-1]
+                if on_commit is not None:
+                    on_commit(i, new)
+                if new[-1] in plist[i].stop_token_ids:
+                    r.finish_reason = "stop"
+                elif len(r.tokens) < plist[i].max_new_tokens:
+                    still.append(i)
+            self._select_target_rows(still, active)
+            active = still
+
+        elapsed = time.perf_counter() - start
+        for r in results:
+            r.wall_time_s = elapsed
+        return results
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _prefill(self, prompts, lens, capacity, temps, top_k, top_p, seeds):
+        """Target prefill of the left-padded batch; writes the prompts' draft context K/V.
+
+        Returns the first generated token per request and ``seq_lens`` (tokens with KV).
+        """
+        bs, dev, width = len(prompts), self.device, max(lens)
+        input_ids = torch.zeros(bs, width, dtype=torch.int64, device=dev)
+        valid = torch.zeros(bs, width, dtype=torch.bool, device=dev)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - lens[i]:] = torch.tensor(list(p), dtype=torch.int64)
+            valid[i, width - lens[i]:] = True
+        positions = (valid.cumsum(-1) - 1).clamp_min(0)
+        self.target_cache = DynamicCache()
+        self.target_valid = valid
+        out = self.target(
+            input_ids=input_ids,
+            attention_mask=valid.long(),
+            position_ids=positions,
+            past_key_values=self.target_cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        seq_lens = torch.tensor(lens, dtype=torch.int64, device=dev)
+        first = sample_rows(out.logits[:, -1].float(), seq_lens - 1, temps, top_k, top_p, seeds)
+
+        # Draft context cache: capacity slots per request (prompt + new tokens + one block).
+        cfg = self.draft.config
+        self.capacity = capacity
+        shape = (bs * capacity, cfg.num_key_value_heads, cfg.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=self.draft_dtype, device=dev)
+                         for _ in range(cfg.num_hidden_layers)]
+        self.v_caches = [torch.zeros_like(k) for k in self.k_caches]
+        hidden = capture_target_hidden(out.hidden_states, self.draft.target_layer_ids)
+        rows = valid.nonzero(as_tuple=True)
+        req_pos = positions[rows]
+        self._write_context(hidden[rows], rows[0] * capacity + req_pos, req_pos)
+        return first, seq_lens
+
+    def _write_context(self, hidden, slots, positions):
+        """Store the draft context K/V of tokens with target hidden ``[N, T, H]``."""
+        layer_mix_kv(
+            hidden.to(self.draft_dtype).contiguous(), self.mix_weights, positions, slots,
+            self.k_caches, self.v_caches,
+        )
+
+    def _step(self, ids, x_last, seq_lens, remaining, temps, top_k, top_p, seeds, stops,
+              capacity):
+        """One draft + verify + commit step for the active requests ``ids``."""
+        B, bs = self.block_size, ids.numel()
+        offsets = torch.arange(B, device=self.device)
+        block_pos = seq_lens[:, None] + offsets  # [bs, B]
+        block_slots = ids[:, None] * capacity + block_pos
+
+        # Draft: one forward over [x_last, MASK...] conditioned on the cached context.
+        block = torch.full((bs, B), self.draft.mask_token_id, dtype=torch.int64,
+                           device=self.device)
+        block[:, 0] = x_last
+        ctx_len = int(seq_lens.max())
+        ctx_slots = ids[:, None] * capacity + torch.arange(ctx_len, device=self.device)
+        hidden = self.draft.draft_block(
+            self.embed(block).to(self.draft_dtype), block_pos, self.k_caches, self.v_caches,
+            ctx_slots, seq_lens,
+        )
+        draft_logits = self.lm_head(hidden[:, 1:].to(self.lm_head.weight.dtype))
+        block[:, 1:] = draft_logits.argmax(-1)
+
+        # Verify: one causal target pass over the block, appended after the cache columns.
+        past = self.target_cache.get_seq_length()
+        mask = torch.cat([self.target_valid, torch.ones(bs, B, dtype=torch.bool,
+                                                        device=self.device)], dim=1)
+        out = self.target(
+            input_ids=block,
+            attention_mask=mask.long(),
+            position_ids=block_pos,
+            past_key_values=self.target_cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        res = verify_block(
+            block[:, 1:].contiguous(), out.logits.reshape(bs * B, -1), seq_lens, remaining,
+            temps[ids], top_k[ids], top_p[ids], seeds[ids], stops[ids], block_slots,
+        )
+
+        # Commit: keep target columns of the committed prefix, crop columns nobody kept.
+        kept = offsets[None, :] < res.num_committed[:, None]
+        self.target_valid = torch.cat([self.target_valid, kept], dim=1)
+        width = past + int(res.num_committed.max())
+        _drop_cache_tail(self.target_cache, width)
+        self.target_valid = self.target_valid[:, :width]
+        # Context K/V for every block position; rows past num_committed lie beyond the new
+        # seq_len, are never attended to and get overwritten by the next step.
+        hidden = capture_target_hidden(out.hidden_states, self.draft.target_layer_ids)
+        self._write_context(hidden.flatten(0, 1), block_slots.flatten(), block_pos.flatten())
+        return res
+
+    def _select_target_rows(self, keep: list[int], current: list[int]) -> None:
+        """Drop finished requests from the target cache batch (``current`` -> ``keep``)."""
+        if keep == current or not keep:
+            return
+        where = {r: row for row, r in enumerate(current)}
+        index = torch.tensor([where[r] for r in keep], dtype=torch.int64, device=self.device)
+        self.target_cache.batch_select_indices(index)
+        self.target_valid = self.target_valid[index]
