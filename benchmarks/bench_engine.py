@@ -66,10 +66,15 @@ def main() -> None:
         outs = []
         for ids in prompts:
             inp = torch.tensor([ids], device=args.device)
-            gen = model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=False,
-                                 max_new_tokens=args.max_new_tokens,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-            outs.append(gen[0, len(ids):].tolist())
+            gen = model.generate(
+                inp,
+                attention_mask=torch.ones_like(inp),
+                do_sample=False,
+                max_new_tokens=args.max_new_tokens,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.eos_token_id,
+            )
+            outs.append(gen[0, len(ids) :].tolist())
         return sum(map(len, outs)), outs
 
     def run_ours() -> tuple[int, list[list[int]], list]:
@@ -97,9 +102,11 @@ def main() -> None:
 
     tau = statistics.mean(r.tau for r in results)
     base = statistics.median(times["target-only"])
-    print(f"target={args.target} draft={args.draft or 'untrained'} device={args.device} "
-          f"dtype={args.dtype} B={decoder.block_size} bs={args.batch_size} "
-          f"prompts={len(prompts)} max_new={args.max_new_tokens} repeats={args.repeats}")
+    print(
+        f"target={args.target} draft={args.draft or 'untrained'} device={args.device} "
+        f"dtype={args.dtype} B={decoder.block_size} bs={args.batch_size} "
+        f"prompts={len(prompts)} max_new={args.max_new_tokens} repeats={args.repeats}"
+    )
     print(f"{'path':<12} {'tok/s (median)':>15} {'speedup':>8} {'tau':>6}")
     for name, tps in times.items():
         med = statistics.median(tps)

@@ -38,6 +38,13 @@ void check_layer_mix_kv_args(
 at::Tensor project_layer_mix_context(const at::Tensor& ctx, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias);
 
+// Argument checks of verify_block (verify_block.cpp), shared with the CUDA kernel.
+void check_verify_block_args(const at::Tensor& draft_tokens, const at::Tensor& logits,
+                             const at::Tensor& seq_lens, const at::Tensor& remaining,
+                             const at::Tensor& temperatures, const at::Tensor& top_k,
+                             const at::Tensor& top_p, const at::Tensor& seeds,
+                             const at::Tensor& stop_token_ids, const at::Tensor& block_slots);
+
 #ifdef DFLARE_WITH_CUDA
 void layer_mix_kv_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& fusion_probs,
                        const std::optional<at::Tensor>& fc_weight,

@@ -16,7 +16,7 @@
 
 namespace dflare {
 
-// Shape/dtype checks shared with the CUDA kernel (verify_block.cu).
+// Shape/dtype checks shared with the CUDA kernel (verify_block_cuda.cu).
 void check_verify_block_args(const at::Tensor& draft_tokens, const at::Tensor& logits,
                              const at::Tensor& seq_lens, const at::Tensor& remaining,
                              const at::Tensor& temperatures, const at::Tensor& top_k,

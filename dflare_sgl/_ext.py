@@ -29,7 +29,7 @@ def extension_loaded() -> bool:
 
 def has_kernel(op_name: str, device: torch.device) -> bool:
     """Whether ``torch.ops.dflare.<op_name>`` has a kernel for ``device``'s type."""
-    if not extension_loaded():
+    if not extension_loaded() or not hasattr(torch.ops.dflare, op_name):
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
     if key is None:

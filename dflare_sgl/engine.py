@@ -157,19 +157,22 @@ class SpeculativeDecoder:
             stops[i, : len(p.stop_token_ids)] = torch.tensor(p.stop_token_ids, dtype=torch.int64)
 
         results = [GenerationResult() for _ in range(bs)]
-        x_last, seq_lens = self._prefill(prompts, lens, budget, temps, top_k, top_p, seeds)
-        active = []  # request ids still decoding, in target-cache batch order
-        for i, p in enumerate(plist):
-            tok = int(x_last[i])
-            if p.max_new_tokens == 0:
-                continue
-            results[i].tokens.append(tok)
+
+        def commit(i: int, new: list[int]) -> bool:
+            """Append request i's new tokens; True while it should keep decoding."""
+            results[i].tokens.extend(new)
             if on_commit is not None:
-                on_commit(i, [tok])
-            if tok in p.stop_token_ids:
+                on_commit(i, new)
+            if new[-1] in plist[i].stop_token_ids:
                 results[i].finish_reason = "stop"
-            elif p.max_new_tokens > 1:
-                active.append(i)
+                return False
+            return len(results[i].tokens) < plist[i].max_new_tokens
+
+        x_last, seq_lens = self._prefill(prompts, lens, budget, temps, top_k, top_p, seeds)
+        # Request ids still decoding, in target-cache batch order.
+        active = [
+            i for i, p in enumerate(plist) if p.max_new_tokens > 0 and commit(i, [int(x_last[i])])
+        ]
         self._select_target_rows(active, list(range(bs)))
 
         while active:
@@ -177,25 +180,29 @@ class SpeculativeDecoder:
             remaining = torch.tensor(
                 [plist[i].max_new_tokens - len(results[i].tokens) for i in active], device=dev
             )
-            out = self._step(ids, x_last[ids], seq_lens[ids], remaining, temps, top_k, top_p,
-                             seeds, stops, budget)
+            out = self._step(
+                ids,
+                x_last[ids],
+                seq_lens[ids],
+                remaining,
+                temps,
+                top_k,
+                top_p,
+                seeds,
+                stops,
+                budget,
+            )
             seq_lens[ids] = out.new_seq_lens
-            n_committed = out.num_committed.tolist()
-            committed = out.committed.tolist()
+            n_committed, committed = out.num_committed.tolist(), out.committed.tolist()
             still = []
             for row, i in enumerate(active):
                 new = committed[row][: n_committed[row]]
                 r = results[i]
-                r.tokens.extend(new)
                 r.accept_lengths.append(len(new))
                 r.num_drafted += B - 1
                 r.num_accepted += int(out.accept_lens[row])
                 x_last[i] = new[-1]
-                if on_commit is not None:
-                    on_commit(i, new)
-                if new[-1] in plist[i].stop_token_ids:
-                    r.finish_reason = "stop"
-                elif len(r.tokens) < plist[i].max_new_tokens:
+                if commit(i, new):
                     still.append(i)
             self._select_target_rows(still, active)
             active = still
@@ -216,19 +223,12 @@ class SpeculativeDecoder:
         input_ids = torch.zeros(bs, width, dtype=torch.int64, device=dev)
         valid = torch.zeros(bs, width, dtype=torch.bool, device=dev)
         for i, p in enumerate(prompts):
-            input_ids[i, width - lens[i]:] = torch.tensor(list(p), dtype=torch.int64)
-            valid[i, width - lens[i]:] = True
+            input_ids[i, width - lens[i] :] = torch.tensor(list(p), dtype=torch.int64)
+            valid[i, width - lens[i] :] = True
         positions = (valid.cumsum(-1) - 1).clamp_min(0)
         self.target_cache = DynamicCache()
         self.target_valid = valid
-        out = self.target(
-            input_ids=input_ids,
-            attention_mask=valid.long(),
-            position_ids=positions,
-            past_key_values=self.target_cache,
-            use_cache=True,
-            output_hidden_states=True,
-        )
+        out = self._target_forward(input_ids, valid, positions)
         seq_lens = torch.tensor(lens, dtype=torch.int64, device=dev)
         first = sample_rows(out.logits[:, -1].float(), seq_lens - 1, temps, top_k, top_p, seeds)
 
@@ -236,8 +236,10 @@ class SpeculativeDecoder:
         cfg = self.draft.config
         self.capacity = capacity
         shape = (bs * capacity, cfg.num_key_value_heads, cfg.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=self.draft_dtype, device=dev)
-                         for _ in range(cfg.num_hidden_layers)]
+        self.k_caches = [
+            torch.zeros(shape, dtype=self.draft_dtype, device=dev)
+            for _ in range(cfg.num_hidden_layers)
+        ]
         self.v_caches = [torch.zeros_like(k) for k in self.k_caches]
         hidden = capture_target_hidden(out.hidden_states, self.draft.target_layer_ids)
         rows = valid.nonzero(as_tuple=True)
@@ -245,15 +247,29 @@ class SpeculativeDecoder:
         self._write_context(hidden[rows], rows[0] * capacity + req_pos, req_pos)
         return first, seq_lens
 
+    def _target_forward(self, input_ids, valid, positions):
+        """Target pass appending to the cache; ``valid`` [bs, columns] masks pads and holes."""
+        return self.target(
+            input_ids=input_ids,
+            attention_mask=valid.long(),
+            position_ids=positions,
+            past_key_values=self.target_cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+
     def _write_context(self, hidden, slots, positions):
         """Store the draft context K/V of tokens with target hidden ``[N, T, H]``."""
         layer_mix_kv(
-            hidden.to(self.draft_dtype).contiguous(), self.mix_weights, positions, slots,
-            self.k_caches, self.v_caches,
+            hidden.to(self.draft_dtype).contiguous(),
+            self.mix_weights,
+            positions,
+            slots,
+            self.k_caches,
+            self.v_caches,
         )
 
-    def _step(self, ids, x_last, seq_lens, remaining, temps, top_k, top_p, seeds, stops,
-              capacity):
+    def _step(self, ids, x_last, seq_lens, remaining, temps, top_k, top_p, seeds, stops, capacity):
         """One draft + verify + commit step for the active requests ``ids``."""
         B, bs = self.block_size, ids.numel()
         offsets = torch.arange(B, device=self.device)
@@ -261,33 +277,38 @@ class SpeculativeDecoder:
         block_slots = ids[:, None] * capacity + block_pos
 
         # Draft: one forward over [x_last, MASK...] conditioned on the cached context.
-        block = torch.full((bs, B), self.draft.mask_token_id, dtype=torch.int64,
-                           device=self.device)
+        block = torch.full((bs, B), self.draft.mask_token_id, dtype=torch.int64, device=self.device)
         block[:, 0] = x_last
         ctx_len = int(seq_lens.max())
         ctx_slots = ids[:, None] * capacity + torch.arange(ctx_len, device=self.device)
         hidden = self.draft.draft_block(
-            self.embed(block).to(self.draft_dtype), block_pos, self.k_caches, self.v_caches,
-            ctx_slots, seq_lens,
+            self.embed(block).to(self.draft_dtype),
+            block_pos,
+            self.k_caches,
+            self.v_caches,
+            ctx_slots,
+            seq_lens,
         )
         draft_logits = self.lm_head(hidden[:, 1:].to(self.lm_head.weight.dtype))
         block[:, 1:] = draft_logits.argmax(-1)
 
         # Verify: one causal target pass over the block, appended after the cache columns.
         past = self.target_cache.get_seq_length()
-        mask = torch.cat([self.target_valid, torch.ones(bs, B, dtype=torch.bool,
-                                                        device=self.device)], dim=1)
-        out = self.target(
-            input_ids=block,
-            attention_mask=mask.long(),
-            position_ids=block_pos,
-            past_key_values=self.target_cache,
-            use_cache=True,
-            output_hidden_states=True,
+        mask = torch.cat(
+            [self.target_valid, torch.ones(bs, B, dtype=torch.bool, device=self.device)], dim=1
         )
+        out = self._target_forward(block, mask, block_pos)
         res = verify_block(
-            block[:, 1:].contiguous(), out.logits.reshape(bs * B, -1), seq_lens, remaining,
-            temps[ids], top_k[ids], top_p[ids], seeds[ids], stops[ids], block_slots,
+            block[:, 1:].contiguous(),
+            out.logits.reshape(bs * B, -1),
+            seq_lens,
+            remaining,
+            temps[ids],
+            top_k[ids],
+            top_p[ids],
+            seeds[ids],
+            stops[ids],
+            block_slots,
         )
 
         # Commit: keep target columns of the committed prefix, crop columns nobody kept.

@@ -30,7 +30,9 @@ def build_cos_sin_cache(
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_scaling
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> torch.Tensor:
     """Rotate ``x [..., S, heads, head_dim]`` at ``positions [..., S]`` (neox rotate-half).
 
     cos/sin are cast to ``x.dtype`` before use, as HF's rotary embedding does.

@@ -78,7 +78,7 @@ def greedy_reference(target, prompts):
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.eos_token_id,
         )
-        refs.append(gen[0, len(ids):].tolist())
+        refs.append(gen[0, len(ids) :].tolist())
     return refs
 
 
@@ -106,7 +106,10 @@ LAUGH = "ha" + " ha" * 7
 
 
 def _laugh(tok) -> tuple[list[int], int]:
-    return tok.encode(LAUGH, add_special_tokens=False), tok.encode(" ha", add_special_tokens=False)[0]
+    return (
+        tok.encode(LAUGH, add_special_tokens=False),
+        tok.encode(" ha", add_special_tokens=False)[0],
+    )
 
 
 def test_greedy_with_long_accepted_runs(target, prompts, greedy_reference):
@@ -116,9 +119,12 @@ def test_greedy_with_long_accepted_runs(target, prompts, greedy_reference):
     decoder = SpeculativeDecoder(model, _repeat_draft(model, word_id), block_size=8)
     batch = [rep, prompts[0], rep, prompts[1]]
     ref0 = model.generate(
-        torch.tensor([rep]), max_new_tokens=40, do_sample=False,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-    )[0, len(rep):].tolist()
+        torch.tensor([rep]),
+        max_new_tokens=40,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )[0, len(rep) :].tolist()
     params = SamplingParams(max_new_tokens=40, stop_token_ids=(tok.eos_token_id,))
     results = decoder.generate(batch, params)
     assert results[0].tokens == ref0 and results[2].tokens == ref0
@@ -136,8 +142,11 @@ def _target_only_sample(model, ids: list[int], n: int, params: SamplingParams) -
     for _ in range(n):
         logits = model(cur, position_ids=pos, past_key_values=cache, use_cache=True).logits
         tok = sample_rows(
-            logits[:, -1].float(), pos[:, -1], one(params.temperature, torch.float32),
-            one(params.top_k, torch.int64), one(params.top_p, torch.float32),
+            logits[:, -1].float(),
+            pos[:, -1],
+            one(params.temperature, torch.float32),
+            one(params.top_k, torch.int64),
+            one(params.top_p, torch.float32),
             one(params.seed, torch.int64),
         )
         out_ids.append(int(tok))
@@ -153,8 +162,9 @@ def test_sampling_equals_target_only_sampling(target, prompts, temperature, top_
     decoder = SpeculativeDecoder(model, _draft(model, "layerwise", 2), block_size=8)
     batch = prompts[:3]
     plist = [
-        SamplingParams(MAX_NEW, temperature, top_k, top_p, seed=11 + i,
-                       stop_token_ids=(tok.eos_token_id,))
+        SamplingParams(
+            MAX_NEW, temperature, top_k, top_p, seed=11 + i, stop_token_ids=(tok.eos_token_id,)
+        )
         for i in range(len(batch))
     ]
     results = decoder.generate(batch, plist)
@@ -196,7 +206,7 @@ def test_sampled_pair_distribution_is_the_targets(target):
 
 
 def test_stats_and_streaming(target, prompts):
-    model, tok = target
+    model, _ = target
     decoder = SpeculativeDecoder(model, _draft(model, "layerwise", 1), block_size=4)
     streamed: dict[int, list[int]] = {0: [], 1: []}
     results = decoder.generate(

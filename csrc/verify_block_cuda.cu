@@ -28,13 +28,6 @@
 
 namespace dflare {
 
-// Shape/dtype checks shared with the CPU kernel; defined in verify_block.cpp.
-void check_verify_block_args(const at::Tensor& draft_tokens, const at::Tensor& logits,
-                             const at::Tensor& seq_lens, const at::Tensor& remaining,
-                             const at::Tensor& temperatures, const at::Tensor& top_k,
-                             const at::Tensor& top_p, const at::Tensor& seeds,
-                             const at::Tensor& stop_token_ids, const at::Tensor& block_slots);
-
 namespace {
 
 constexpr int kThreads = 256;
