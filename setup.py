@@ -94,6 +94,7 @@ setup(
         "torch>=2.6",
         "transformers>=4.56",
         "safetensors",
+        "filelock",  # guards the one-time offline target conversion
         "numpy",
     ],
     extras_require={
