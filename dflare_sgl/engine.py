@@ -190,7 +190,6 @@ class SpeculativeDecoder:
                 top_p,
                 seeds,
                 stops,
-                budget,
             )
             seq_lens[ids] = out.new_seq_lens
             n_committed, committed = out.num_committed.tolist(), out.committed.tolist()
@@ -269,18 +268,18 @@ class SpeculativeDecoder:
             self.v_caches,
         )
 
-    def _step(self, ids, x_last, seq_lens, remaining, temps, top_k, top_p, seeds, stops, capacity):
+    def _step(self, ids, x_last, seq_lens, remaining, temps, top_k, top_p, seeds, stops):
         """One draft + verify + commit step for the active requests ``ids``."""
         B, bs = self.block_size, ids.numel()
         offsets = torch.arange(B, device=self.device)
         block_pos = seq_lens[:, None] + offsets  # [bs, B]
-        block_slots = ids[:, None] * capacity + block_pos
+        block_slots = ids[:, None] * self.capacity + block_pos
 
         # Draft: one forward over [x_last, MASK...] conditioned on the cached context.
         block = torch.full((bs, B), self.draft.mask_token_id, dtype=torch.int64, device=self.device)
         block[:, 0] = x_last
         ctx_len = int(seq_lens.max())
-        ctx_slots = ids[:, None] * capacity + torch.arange(ctx_len, device=self.device)
+        ctx_slots = ids[:, None] * self.capacity + torch.arange(ctx_len, device=self.device)
         hidden = self.draft.draft_block(
             self.embed(block).to(self.draft_dtype),
             block_pos,
