@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 from transformers import DynamicCache, PreTrainedModel
 
 from dflare_sgl.draft_model import DFlareDraftModel, capture_target_hidden
@@ -93,10 +94,24 @@ class SpeculativeDecoder:
         input embedding and output head are the draft's too.
       draft: a draft model for this target (checked with ``draft.check_compatible``).
       block_size: tokens verified per step (x_last + B-1 drafts); defaults to the draft's.
+      draft_head_dtype: dtype of the draft's token head (the target's ``lm_head`` weights,
+        copied once). Draft tokens only decide what gets accepted, never what is committed,
+        so a lower precision cannot change the output. Default: bfloat16 for a float32 target
+        on CPU (the head is a memory-bound ``[B-1, H] x [H, V]`` product there, and bf16 halves
+        the bytes it reads), else the head's own dtype.
+
+    Each step runs under the ``torch.profiler.record_function`` label ``dflare.step`` and its
+    parts under ``dflare.draft``, ``dflare.draft_head``, ``dflare.target_verify``,
+    ``dflare.verify_block`` and ``dflare.commit``, so a profile splits a step's time without
+    extra instrumentation (``benchmarks/profile_step.py``).
     """
 
     def __init__(
-        self, target: PreTrainedModel, draft: DFlareDraftModel, block_size: int | None = None
+        self,
+        target: PreTrainedModel,
+        draft: DFlareDraftModel,
+        block_size: int | None = None,
+        draft_head_dtype: torch.dtype | None = None,
     ) -> None:
         draft.check_compatible(target.config)
         self.target = target.eval()
@@ -109,7 +124,11 @@ class SpeculativeDecoder:
         with torch.no_grad():  # stacked once; the op takes plain tensors, not parameters
             self.mix_weights = draft.layer_mix_weights()
         self.embed = target.get_input_embeddings()
-        self.lm_head = target.get_output_embeddings()
+        head = target.get_output_embeddings().weight
+        if draft_head_dtype is None:
+            cpu_fp32 = self.device.type == "cpu" and head.dtype == torch.float32
+            draft_head_dtype = torch.bfloat16 if cpu_fp32 else head.dtype
+        self.draft_head = head.detach().to(draft_head_dtype)
         self.max_positions = min(
             int(getattr(target.config, "max_position_embeddings", 1 << 30)),
             self.mix_weights.cos_sin_cache.shape[0],
@@ -176,35 +195,36 @@ class SpeculativeDecoder:
         self._select_target_rows(active, list(range(bs)))
 
         while active:
-            ids = torch.tensor(active, device=dev)
-            remaining = torch.tensor(
-                [plist[i].max_new_tokens - len(results[i].tokens) for i in active], device=dev
-            )
-            out = self._step(
-                ids,
-                x_last[ids],
-                seq_lens[ids],
-                remaining,
-                temps,
-                top_k,
-                top_p,
-                seeds,
-                stops,
-            )
-            seq_lens[ids] = out.new_seq_lens
-            n_committed, committed = out.num_committed.tolist(), out.committed.tolist()
-            still = []
-            for row, i in enumerate(active):
-                new = committed[row][: n_committed[row]]
-                r = results[i]
-                r.accept_lengths.append(len(new))
-                r.num_drafted += B - 1
-                r.num_accepted += int(out.accept_lens[row])
-                x_last[i] = new[-1]
-                if commit(i, new):
-                    still.append(i)
-            self._select_target_rows(still, active)
-            active = still
+            with record_function("dflare.step"):
+                ids = torch.tensor(active, device=dev)
+                remaining = torch.tensor(
+                    [plist[i].max_new_tokens - len(results[i].tokens) for i in active], device=dev
+                )
+                out = self._step(
+                    ids,
+                    x_last[ids],
+                    seq_lens[ids],
+                    remaining,
+                    temps,
+                    top_k,
+                    top_p,
+                    seeds,
+                    stops,
+                )
+                seq_lens[ids] = out.new_seq_lens
+                n_committed, committed = out.num_committed.tolist(), out.committed.tolist()
+                still = []
+                for row, i in enumerate(active):
+                    new = committed[row][: n_committed[row]]
+                    r = results[i]
+                    r.accept_lengths.append(len(new))
+                    r.num_drafted += B - 1
+                    r.num_accepted += int(out.accept_lens[row])
+                    x_last[i] = new[-1]
+                    if commit(i, new):
+                        still.append(i)
+                self._select_target_rows(still, active)
+                active = still
 
         elapsed = time.perf_counter() - start
         for r in results:
@@ -280,46 +300,51 @@ class SpeculativeDecoder:
         block[:, 0] = x_last
         ctx_len = int(seq_lens.max())
         ctx_slots = ids[:, None] * self.capacity + torch.arange(ctx_len, device=self.device)
-        hidden = self.draft.draft_block(
-            self.embed(block).to(self.draft_dtype),
-            block_pos,
-            self.k_caches,
-            self.v_caches,
-            ctx_slots,
-            seq_lens,
-        )
-        draft_logits = self.lm_head(hidden[:, 1:].to(self.lm_head.weight.dtype))
-        block[:, 1:] = draft_logits.argmax(-1)
+        with record_function("dflare.draft"):
+            hidden = self.draft.draft_block(
+                self.embed(block).to(self.draft_dtype),
+                block_pos,
+                self.k_caches,
+                self.v_caches,
+                ctx_slots,
+                seq_lens,
+            )
+        with record_function("dflare.draft_head"):
+            head = self.draft_head
+            block[:, 1:] = torch.nn.functional.linear(hidden[:, 1:].to(head.dtype), head).argmax(-1)
 
         # Verify: one causal target pass over the block, appended after the cache columns.
         past = self.target_cache.get_seq_length()
         mask = torch.cat(
             [self.target_valid, torch.ones(bs, B, dtype=torch.bool, device=self.device)], dim=1
         )
-        out = self._target_forward(block, mask, block_pos)
-        res = verify_block(
-            block[:, 1:].contiguous(),
-            out.logits.reshape(bs * B, -1),
-            seq_lens,
-            remaining,
-            temps[ids],
-            top_k[ids],
-            top_p[ids],
-            seeds[ids],
-            stops[ids],
-            block_slots,
-        )
+        with record_function("dflare.target_verify"):
+            out = self._target_forward(block, mask, block_pos)
+        with record_function("dflare.verify_block"):
+            res = verify_block(
+                block[:, 1:].contiguous(),
+                out.logits.reshape(bs * B, -1),
+                seq_lens,
+                remaining,
+                temps[ids],
+                top_k[ids],
+                top_p[ids],
+                seeds[ids],
+                stops[ids],
+                block_slots,
+            )
 
-        # Commit: keep target columns of the committed prefix, crop columns nobody kept.
-        kept = offsets[None, :] < res.num_committed[:, None]
-        self.target_valid = torch.cat([self.target_valid, kept], dim=1)
-        width = past + int(res.num_committed.max())
-        _drop_cache_tail(self.target_cache, width)
-        self.target_valid = self.target_valid[:, :width]
-        # Context K/V for every block position; rows past num_committed lie beyond the new
-        # seq_len, are never attended to and get overwritten by the next step.
-        hidden = capture_target_hidden(out.hidden_states, self.draft.target_layer_ids)
-        self._write_context(hidden.flatten(0, 1), block_slots.flatten(), block_pos.flatten())
+        with record_function("dflare.commit"):
+            # Keep target columns of the committed prefix, crop columns nobody kept.
+            kept = offsets[None, :] < res.num_committed[:, None]
+            self.target_valid = torch.cat([self.target_valid, kept], dim=1)
+            width = past + int(res.num_committed.max())
+            _drop_cache_tail(self.target_cache, width)
+            self.target_valid = self.target_valid[:, :width]
+            # Context K/V for every block position; rows past num_committed lie beyond the
+            # new seq_len, are never attended to and get overwritten by the next step.
+            hidden = capture_target_hidden(out.hidden_states, self.draft.target_layer_ids)
+            self._write_context(hidden.flatten(0, 1), block_slots.flatten(), block_pos.flatten())
         return res
 
     def _select_target_rows(self, keep: list[int], current: list[int]) -> None:
