@@ -1,7 +1,9 @@
 """Loads the optional C++/CUDA extension that registers ``torch.ops.dflare.*``.
 
-Every op wrapper asks :func:`has_kernel` before dispatching to the extension and falls back
-to its plain PyTorch reference otherwise, so the package works with no extension built.
+``import dflare_sgl`` loads it, so the ops are callable right after the package import (as
+``import torchvision`` does for its ops). Every op wrapper asks :func:`has_kernel` before
+dispatching to the extension and falls back to its plain PyTorch reference otherwise, so the
+package works with no extension built.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dflare_sgl._files import make_readable
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,14 +93,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)  # includes the chat template
 
 
-def _make_readable(folder: Path) -> None:
-    # mkdtemp makes the folder 0700 and safetensors writes 0600; a shared cache (a container
-    # image, a CI runner) must be readable by every user.
-    folder.chmod(0o755)
-    for path in folder.iterdir():
-        path.chmod(0o644)
-
-
 def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
     """Return the HF folder of SmolLM2-135M-Instruct, converting the GGUF on first use (~40 s).
 
@@ -121,7 +115,7 @@ def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
         try:
             _convert_gguf(gguf, tmp)
-            _make_readable(tmp)
+            make_readable(tmp, *tmp.iterdir())
             if out.exists():  # not a model (no config.json): a foreign leftover, replace it
                 shutil.rmtree(out)
             tmp.rename(out)

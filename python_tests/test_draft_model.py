@@ -286,6 +286,10 @@ def test_parameter_names_are_the_checkpoint_keys():
 def test_save_load_round_trip(fusion, tmp_path):
     draft = _draft(fusion)
     draft.save_pretrained(tmp_path)
+    # Readable by every user (a server or a container may run as another user); safetensors
+    # alone would write the weights 0600.
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
     loaded = DFlareDraftModel.from_pretrained(tmp_path)
     assert loaded.config.to_dict(torch.float32) == draft.config.to_dict(torch.float32)
     for (k, a), (k2, b) in zip(

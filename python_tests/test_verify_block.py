@@ -7,6 +7,10 @@ extension (``dflare_sgl._C``) is not built, and the CUDA ones without a GPU.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -363,3 +367,46 @@ def test_wrapper_validates_inputs():
         verify_block(*{**bad, 1: args[1].t().contiguous().t()}.values())
     with pytest.raises(ValueError, match="logits must be"):
         verify_block(*{**bad, 1: args[1].double()}.values())
+
+
+# A fresh interpreter that imports nothing but torch and the package, then verifies one greedy
+# block (target tokens 1 then 3, draft 1): through the raw op when the import registered it,
+# else through the wrapper, which falls back to the PyTorch reference.
+_FRESH_IMPORT = """
+import torch
+import dflare_sgl
+from dflare_sgl.verify import VerifyOutput, verify_block
+
+i64 = lambda x: torch.tensor(x, dtype=torch.int64)
+logits = torch.zeros(2, 4)
+logits[0, 1] = logits[1, 3] = 5.0
+args = (i64([[1]]), logits, i64([7]), i64([9]), torch.zeros(1), i64([0]), torch.ones(1),
+        i64([0]), i64([[-1]]), i64([[0, 1]]))
+registered = hasattr(torch.ops.dflare, "verify_block")
+out = VerifyOutput(*torch.ops.dflare.verify_block(*args)) if registered else verify_block(*args)
+print(registered, out.committed.tolist())
+"""
+
+
+@pytest.mark.parametrize(
+    "disable_ext",
+    [
+        pytest.param(
+            "0",
+            marks=pytest.mark.skipif(not _ext.extension_loaded(), reason="needs dflare_sgl._C"),
+        ),
+        "1",
+    ],
+)
+def test_package_import_registers_ops(disable_ext):
+    """`import dflare_sgl` alone makes torch.ops.dflare.* callable, as `import torchvision`
+    does; with DFLARE_DISABLE_EXT=1 nothing is registered and the reference serves."""
+    run = subprocess.run(
+        [sys.executable, "-c", _FRESH_IMPORT],
+        env={**os.environ, "DFLARE_DISABLE_EXT": disable_ext},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert run.stdout.strip() == f"{disable_ext == '0'} [[1, 3]]"
