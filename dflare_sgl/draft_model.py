@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
+from dflare_sgl._files import make_readable
 from dflare_sgl.layer_mix import LayerMixWeights, context_kv
 from dflare_sgl.primitives import apply_rope, build_cos_sin_cache, rms_norm
 
@@ -328,6 +330,11 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+# flex_attention is only efficient compiled; torch.compile is lazy, so this costs nothing
+# until a BlockMask is passed. Default dynamism: after the first sequence-length change it
+# compiles one kernel for all lengths instead of one per batch shape.
+_compiled_flex_attention = torch.compile(flex_attention)
+
 # (layer index) -> this layer's context (K [b, C, KVH, hd] with RoPE, V [b, C, KVH, hd]).
 ContextFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -370,9 +377,14 @@ class DraftAttention(nn.Module):
         v = torch.cat([ctx_v.to(v.dtype), v], dim=1).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k, v, attn_mask=mask, scale=hd**-0.5, enable_gqa=True
-        )
+        if isinstance(mask, BlockMask):  # training on CUDA: training.blocks.block_attention_mask
+            out = _compiled_flex_attention(
+                q.transpose(1, 2), k, v, block_mask=mask, scale=hd**-0.5, enable_gqa=True
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k, v, attn_mask=mask, scale=hd**-0.5, enable_gqa=True
+            )
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -509,7 +521,8 @@ class DFlareDraftModel(nn.Module):
         Args:
           position_ids: ``[b or 1, ctx + q]`` int64 absolute positions of context then block.
           attention_mask: bool or additive mask broadcastable to ``[b, heads, q, keys]`` as
-            SDPA takes it (keys = cached + ctx + q); None lets every query see every key.
+            SDPA takes it (keys = cached + ctx + q), or a flex_attention ``BlockMask`` (the
+            CUDA training mask); None lets every query see every key.
           noise_embedding: ``[b, q, H]`` target embeddings of the block tokens.
           target_hidden: ``[b, ctx, T*H]`` captured target layers concatenated on the last
             dim (``[b, ctx, T, H]`` from :func:`capture_target_hidden` is accepted too).
@@ -660,6 +673,7 @@ class DFlareDraftModel(nn.Module):
         (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        make_readable(path / "config.json", path / "model.safetensors")
 
 
 def _preview(keys: list[str], limit: int = 8) -> str:

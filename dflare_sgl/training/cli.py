@@ -1,0 +1,169 @@
+"""The training verbs of the ``dflare`` command::
+
+dflare gen-data --target smollm2-135m --prompts sharegpt --limit 512 --out data/smollm2
+dflare train --target smollm2-135m --data data/smollm2 --out drafts/smollm2 --steps 2000
+torchrun --nproc-per-node 2 -m dflare_sgl.cli train ...     # FSDP2 across processes
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import torch
+
+from dflare_sgl.cli import _device, _positive
+from dflare_sgl.draft_model import FUSION_ARCHITECTURE
+
+
+def _config_kwargs(args: argparse.Namespace, config_type) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(config_type) if hasattr(args, f.name)}
+
+
+def _gen_data(args: argparse.Namespace) -> None:
+    from dflare_sgl.training.generate import GenDataConfig, generate_data
+
+    args.device = _device(args.device)
+    out = generate_data(GenDataConfig(**_config_kwargs(args, GenDataConfig)))
+    print(f"data in {out}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from dflare_sgl.training.trainer import TrainConfig, train
+
+    args.device = _device(args.device)
+    args.gamma = args.gamma or args.gamma_schedule
+    out = train(TrainConfig(**_config_kwargs(args, TrainConfig)))
+    print(f"draft in {out}")
+
+
+def _nonnegative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add ``gen-data`` and ``train`` to the ``dflare`` subcommands."""
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    gen = commands.add_parser(
+        "gen-data",
+        help="regenerate training data with the target (ShareGPT prompts)",
+        description="Sample the target's own responses to ShareGPT first user turns (deduplicated, "
+        "evaluation prompts excluded) into JSONL shards with token ids and a loss mask. "
+        "Re-running the same command resumes after the last complete shard.",
+    )
+    gen.add_argument("--target", default="smollm2-135m", help="alias or local HF folder")
+    gen.add_argument("--prompts", default="sharegpt", choices=["sharegpt"])
+    gen.add_argument("--limit", type=_positive, metavar="N", help="number of prompts (default all)")
+    gen.add_argument("--max-new-tokens", type=_positive, default=256, metavar="M")
+    gen.add_argument("--max-prompt-tokens", type=_positive, default=512, help="skip longer prompts")
+    gen.add_argument("--batch-size", type=_positive, default=16, metavar="B")
+    gen.add_argument("--shard-size", type=_positive, default=64, help="prompts per shard")
+    gen.add_argument(
+        "--temperature",
+        type=_nonnegative,
+        default=0.7,
+        metavar="T",
+        help="0 = greedy (default: 0.7)",
+    )
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--device", default=default_device, help="cpu or cuda[:i]")
+    gen.add_argument("--out", required=True, metavar="DIR")
+    gen.set_defaults(run=_gen_data)
+
+    tr = commands.add_parser(
+        "train",
+        help="train a DFlare / DFlash draft on gen-data output",
+        description="Train a draft on regenerated data with the target's hidden states computed "
+        "online. Writes the draft (published format) to --out, checkpoints to "
+        "--out/checkpoints, metrics to --out/metrics.jsonl. Under torchrun the draft is "
+        "FSDP2-sharded and the data split by rank.",
+    )
+    tr.add_argument("--target", default="smollm2-135m", help="alias or local HF folder")
+    tr.add_argument("--data", required=True, metavar="DIR", help="a gen-data folder")
+    tr.add_argument("--out", required=True, metavar="DIR")
+    tr.add_argument(
+        "--fusion",
+        choices=sorted(FUSION_ARCHITECTURE),
+        default="layerwise",
+        help="layerwise = DFlare, shared = DFlash (default: layerwise)",
+    )
+    tr.add_argument("--layers", type=_positive, default=2, help="draft layers D (default: 2)")
+    tr.add_argument(
+        "--captured-layers",
+        type=_positive,
+        metavar="T",
+        help="target layers the draft reads (default: D)",
+    )
+    tr.add_argument("--block-size", type=_positive, default=16)
+    length = tr.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive, metavar="N")
+    length.add_argument("--epochs", type=float, metavar="E", help="default: 1 epoch")
+    tr.add_argument("--lr", type=float, default=6e-4)
+    tr.add_argument("--warmup-steps", type=int, help="default: 5%% of the steps")
+    tr.add_argument("--weight-decay", type=_nonnegative, default=0.01)
+    tr.add_argument("--batch-size", type=_positive, default=4, help="sequences per step and rank")
+    tr.add_argument(
+        "--anchors",
+        type=_positive,
+        default=32,
+        metavar="K",
+        help="blocks per sequence (default: 32)",
+    )
+    gamma = tr.add_mutually_exclusive_group()
+    gamma.add_argument("--gamma", metavar="G", help="positional weight decay (default: 7 at B=16)")
+    gamma.add_argument(
+        "--gamma-schedule", metavar="START:END", help="progressive gamma, e.g. 4.5:10.5"
+    )
+    gamma.add_argument(
+        "--no-position-weighting",
+        dest="position_weighting",
+        action="store_false",
+        help="plain CE instead of the positional weighting",
+    )
+    tr.add_argument(
+        "--focal-weight",
+        type=_nonnegative,
+        default=0.3,
+        help="first-error focal loss weight, 0 = off (default: 0.3)",
+    )
+    tr.add_argument(
+        "--chain-weight",
+        type=_nonnegative,
+        default=0.1,
+        help="chain loss weight, 0 = off (default: 0.1)",
+    )
+    tr.add_argument("--max-seq-len", type=_positive, default=2048)
+    tr.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto = bf16 autocast where the device has it (default: auto)",
+    )
+    tr.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    tr.add_argument(
+        "--stop-after-steps",
+        type=_positive,
+        metavar="N",
+        help="stop this run after N steps (checkpointed; continue with --resume)",
+    )
+    tr.add_argument("--save-every", type=_positive, default=200, metavar="N")
+    tr.add_argument("--keep-checkpoints", type=_positive, default=2)
+    tr.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="real tau on held-out sequences every K steps, 0 = off (default: 0)",
+    )
+    tr.add_argument("--eval-prompts", type=_positive, default=4)
+    tr.add_argument("--eval-max-new-tokens", type=_positive, default=48)
+    tr.add_argument("--device", default=default_device, help="cpu or cuda (default: cuda if any)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(run=_train)

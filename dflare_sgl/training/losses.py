@@ -1,0 +1,154 @@
+"""Training losses of a block draft, exactly as DESIGN.md section 4 defines them.
+
+Every block is ``[x_a, MASK x (B-1)]``; its position k = 1..B-1 predicts ``y_k = x_{a+k}``.
+The losses read three per-position tensors of shape ``[N blocks, B-1]`` (column k-1 is
+position k), which :func:`token_stats` derives from the logits:
+
+* ``ce``: ``CE_k = -log q_k(y_k)`` (so ``p_k = exp(-CE_k)``), float;
+* ``correct``: ``argmax q_k == y_k``, bool;
+* ``valid``: the label exists and lies inside the loss mask, bool. Blocks near the end of a
+  sequence are padded: their trailing positions are invalid and count nowhere.
+
+Terms (``w_k = exp(-(k-1)/gamma)``):
+
+* :class:`PositionWeightedCE`: ``sum w_k CE_k / sum w_k`` over all valid positions of the batch;
+  gamma fixed or ramped linearly over training (:class:`GammaSchedule`); ``gamma=None`` is
+  plain CE (w = 1).
+* :class:`FirstErrorFocalLoss`: ``w_{j*} CE_{j*}`` at the first wrong valid position j*,
+  averaged over the blocks that have an error (0 when no block has one).
+* :class:`ChainLoss`: ``-R`` with ``R = sum_k P_k / n``, ``P_k = exp(sum_{j<=k} log p_j)``, the
+  normalised expected accepted length, averaged over blocks; n is the block's number of valid
+  positions (B-1 for an unpadded block).
+
+:class:`AlignmentLoss` sums them: ``L = L_pos + alpha_f L_fe + alpha_c L_chain`` (DESIGN.md's
+``L_chain = -alpha_c R`` read with the weight applied once). A weight of 0 switches a term off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(CE [...], correct bool [...])`` of ``logits [..., V]`` vs ``labels``; CE in
+    float32 (float64 for float64 logits)."""
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    ce = F.cross_entropy(wide.flatten(0, -2), labels.flatten(), reduction="none")
+    correct = wide.argmax(-1) == labels  # (argmax over bf16 is ~4x slower on CPU)
+    return ce.view(labels.shape), correct
+
+
+def position_weights(num_positions: int, gamma: float | None, like: torch.Tensor) -> torch.Tensor:
+    """``w_k = exp(-(k-1)/gamma)`` for k = 1..num_positions (all ones when gamma is None)."""
+    k = torch.arange(num_positions, dtype=like.dtype, device=like.device)
+    return torch.ones_like(k) if gamma is None else torch.exp(-k / gamma)
+
+
+@dataclass(frozen=True)
+class GammaSchedule:
+    """gamma ramped linearly from ``start`` (first step) to ``end`` (last step); equal ends give
+    a fixed gamma, ``start=None`` switches positional weighting off."""
+
+    start: float | None
+    end: float | None
+
+    def __post_init__(self) -> None:
+        if (self.start is None) != (self.end is None):
+            raise ValueError("a gamma schedule needs both ends or neither")
+        if self.start is not None and min(self.start, self.end) <= 0:
+            raise ValueError(f"gamma must be > 0, got {self.start}:{self.end}")
+
+    @classmethod
+    def parse(cls, text: str) -> GammaSchedule:
+        """``"7"`` (fixed) or ``"4.5:10.5"`` (progressive)."""
+        start, _, end = text.partition(":")
+        try:
+            return cls(float(start), float(end or start))
+        except ValueError as e:
+            raise ValueError(f"gamma must look like 7 or 4.5:10.5, got {text!r} ({e})") from e
+
+    def at(self, step: int, total_steps: int) -> float | None:
+        if self.start is None:
+            return None
+        progress = step / max(total_steps - 1, 1)
+        return self.start + (self.end - self.start) * min(progress, 1.0)
+
+
+def default_gamma(block_size: int) -> float:
+    """DFlash's choices: 7 for B=16, 5 for B=10, 4 for B=8; in proportion elsewhere."""
+    return {16: 7.0, 10: 5.0, 8: 4.0}.get(block_size, 7.0 * block_size / 16)
+
+
+class PositionWeightedCE:
+    def __call__(self, ce: torch.Tensor, valid: torch.Tensor, gamma: float | None) -> torch.Tensor:
+        w = position_weights(ce.shape[-1], gamma, ce) * valid
+        return (w * ce).sum() / w.sum().clamp_min(torch.finfo(ce.dtype).tiny)
+
+
+class FirstErrorFocalLoss:
+    def __call__(
+        self,
+        ce: torch.Tensor,
+        correct: torch.Tensor,
+        valid: torch.Tensor,
+        gamma: float | None,
+    ) -> torch.Tensor:
+        errors = valid & ~correct
+        has_error = errors.any(-1)
+        first = errors.to(torch.int8).argmax(-1, keepdim=True)  # j* - 1 (0 where no error)
+        w = position_weights(ce.shape[-1], gamma, ce)
+        per_block = (w[first] * ce.gather(-1, first)).squeeze(-1)
+        return (per_block * has_error).sum() / has_error.sum().clamp_min(1)
+
+
+class ChainLoss:
+    def __call__(self, ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        prefix_prob = torch.exp(-(ce * valid).cumsum(-1))  # P_k; invalid tail is masked below
+        count = valid.sum(-1)
+        expected_len = (prefix_prob * valid).sum(-1) / count.clamp_min(1)  # R per block
+        has_label = count > 0
+        return -(expected_len * has_label).sum() / has_label.sum().clamp_min(1)
+
+
+@dataclass
+class LossTerms:
+    """The total and its parts (plain floats for logging; None where a term is off)."""
+
+    total: torch.Tensor
+    position_ce: float
+    first_error: float | None
+    chain: float | None
+
+
+class AlignmentLoss:
+    """``L = L_pos + focal_weight * L_fe + chain_weight * L_chain``; weight 0 skips a term."""
+
+    def __init__(self, focal_weight: float = 0.3, chain_weight: float = 0.1) -> None:
+        if focal_weight < 0 or chain_weight < 0:
+            raise ValueError("loss weights must be >= 0")
+        self.focal_weight, self.chain_weight = focal_weight, chain_weight
+        self.position_ce, self.first_error, self.chain = (
+            PositionWeightedCE(),
+            FirstErrorFocalLoss(),
+            ChainLoss(),
+        )
+
+    def __call__(
+        self,
+        ce: torch.Tensor,
+        correct: torch.Tensor,
+        valid: torch.Tensor,
+        gamma: float | None,
+    ) -> LossTerms:
+        pos = self.position_ce(ce, valid, gamma)
+        total, fe, chain = pos, None, None
+        if self.focal_weight:
+            fe_t = self.first_error(ce, correct, valid, gamma)
+            total, fe = total + self.focal_weight * fe_t, fe_t.item()
+        if self.chain_weight:
+            chain_t = self.chain(ce, valid)
+            total, chain = total + self.chain_weight * chain_t, chain_t.item()
+        return LossTerms(total, pos.item(), fe, chain)

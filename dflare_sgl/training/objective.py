@@ -1,0 +1,101 @@
+"""One training forward: target context, all blocks of each sequence in one draft pass, and
+the per-position statistics the losses read.
+
+Cost notes (CPU is the floor this must run on): the target runs without its ``lm_head``
+(only hidden states are needed); the frozen ``lm_head`` is applied only to block positions
+that have a label (not to the anchor token, nor to padded tails); it has no gradient of its
+own, so its backward is a single matmul into the draft.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from dflare_sgl.draft_model import capture_target_hidden
+from dflare_sgl.training.blocks import Blocks, block_attention_mask, build_blocks, sample_anchors
+from dflare_sgl.training.loader import Batch
+from dflare_sgl.training.losses import token_stats
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast over the fp32 weights, or nothing (``dtype`` None)."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class BlockStats:
+    """Per block position (``[N blocks, B-1]``): ``ce`` float32, ``correct`` / ``valid`` bool."""
+
+    ce: torch.Tensor
+    correct: torch.Tensor
+    valid: torch.Tensor
+
+    def first_position_accuracy(self) -> torch.Tensor:
+        first = self.valid[:, 0]
+        return (self.correct[:, 0] & first).sum() / first.sum().clamp_min(1)
+
+    def estimated_tau(self) -> torch.Tensor:
+        """1 + mean accepted prefix per block, if the target's greedy choice were the data."""
+        run = (self.correct & self.valid).to(torch.int32).cumprod(-1).sum(-1)
+        has = self.valid[:, 0]
+        return 1 + (run * has).sum() / has.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def target_context(
+    target: PreTrainedModel, batch: Batch, layer_ids: list[int], dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Captured target hidden states ``[b, S, T, H]`` of a batch (no logits computed)."""
+    with autocast(batch.input_ids.device, dtype):
+        out = target.base_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+    return capture_target_hidden(out.hidden_states, layer_ids)
+
+
+def draft_block_stats(
+    draft: nn.Module,
+    target: PreTrainedModel,
+    batch: Batch,
+    num_anchors: int,
+    block_size: int,
+    mask_token_id: int,
+    layer_ids: list[int],
+    generator: torch.Generator,
+    dtype: torch.dtype | None,
+) -> BlockStats:
+    """Sample anchors, run every block of every sequence through the draft, score them."""
+    context = target_context(target, batch, layer_ids, dtype)
+    b, s = batch.input_ids.shape
+    anchors, anchor_valid = sample_anchors(batch.loss_mask, num_anchors, generator)
+    blocks: Blocks = build_blocks(
+        batch.input_ids, batch.loss_mask, anchors, anchor_valid, block_size, mask_token_id
+    )
+    mask = block_attention_mask(anchors, block_size, s)
+    context_positions = torch.arange(s, device=anchors.device).expand(b, s)
+    with torch.no_grad():  # float32: the draft's residual stream stays fp32 under autocast
+        noise = target.get_input_embeddings()(blocks.token_ids).float()
+    with autocast(batch.input_ids.device, dtype):
+        hidden = draft(
+            position_ids=torch.cat([context_positions, blocks.positions], dim=1),
+            attention_mask=mask,
+            noise_embedding=noise,
+            target_hidden=context,
+        )
+        k = anchors.shape[1]
+        predicted = hidden.view(b, k, block_size, -1)[:, :, 1:]  # position 0 is x_a itself
+        rows = predicted[blocks.valid]
+        logits = target.get_output_embeddings()(rows)
+    ce_rows, correct_rows = token_stats(logits, blocks.labels[blocks.valid])
+    ce = torch.zeros(blocks.valid.shape, dtype=torch.float32, device=rows.device)
+    ce = ce.masked_scatter(blocks.valid, ce_rows)
+    correct = torch.zeros_like(blocks.valid).masked_scatter(blocks.valid, correct_rows)
+    return BlockStats(ce.flatten(0, 1), correct.flatten(0, 1), blocks.valid.flatten(0, 1))

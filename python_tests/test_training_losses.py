@@ -1,0 +1,141 @@
+"""The alignment losses against direct hand computations, and their gradients (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dflare_sgl.training.losses import (
+    AlignmentLoss,
+    ChainLoss,
+    FirstErrorFocalLoss,
+    GammaSchedule,
+    PositionWeightedCE,
+    token_stats,
+)
+
+V, K = 7, 5  # vocab, positions per block (B - 1)
+GAMMA = 3.0
+# Per block: which positions the draft gets right, and how many positions are valid.
+CASES = {
+    "no error": ([1, 1, 1, 1, 1], 5),
+    "error at first": ([0, 1, 1, 0, 1], 5),
+    "error in middle": ([1, 1, 0, 1, 0], 5),
+    "padded, error only past the end": ([1, 1, 0, 0, 0], 2),
+    "padded, error inside": ([1, 0, 1, 1, 1], 3),
+    "all padding": ([0, 0, 0, 0, 0], 0),
+}
+
+
+def _blocks(dtype=torch.float64):
+    """logits [N, K, V], labels [N, K], valid [N, K] with the argmax right/wrong as CASES say."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(len(CASES), K, V, generator=g, dtype=dtype)
+    labels = torch.randint(V, (len(CASES), K), generator=g)
+    valid = torch.zeros(len(CASES), K, dtype=torch.bool)
+    for n, (right, num_valid) in enumerate(CASES.values()):
+        valid[n, :num_valid] = True
+        for k, ok in enumerate(right):
+            row = logits[n, k]
+            row[labels[n, k]] = row.max() + 1.0 if ok else row.min() - 1.0
+    return logits, labels, valid
+
+
+def _hand(logits, labels, valid):
+    """Each term computed position by position with math, straight from DESIGN.md s.4."""
+    w = [math.exp(-k / GAMMA) for k in range(K)]
+    num = den = 0.0
+    fe, n_err, chain, n_chain = 0.0, 0, 0.0, 0
+    for n in range(logits.shape[0]):
+        ces, oks, ps = [], [], []
+        for k in range(K):
+            row = logits[n, k].tolist()
+            log_z = math.log(sum(math.exp(x) for x in row))
+            ces.append(log_z - row[labels[n, k]])
+            ps.append(math.exp(-ces[-1]))
+            oks.append(max(range(V), key=row.__getitem__) == labels[n, k])
+        ks = [k for k in range(K) if valid[n, k]]
+        for k in ks:
+            num += w[k] * ces[k]
+            den += w[k]
+        wrong = [k for k in ks if not oks[k]]
+        if wrong:
+            fe += w[wrong[0]] * ces[wrong[0]]
+            n_err += 1
+        if ks:
+            chain += sum(math.prod(ps[: k + 1]) for k in ks) / len(ks)
+            n_chain += 1
+    nan = math.nan
+    return num / den if den else nan, fe / max(n_err, 1), -chain / n_chain if n_chain else nan
+
+
+def test_each_term_matches_a_hand_computation():
+    logits, labels, valid = _blocks()
+    ce, correct = token_stats(logits, labels)
+    pos, fe, chain = _hand(logits, labels, valid)
+    torch.testing.assert_close(PositionWeightedCE()(ce, valid, GAMMA).item(), pos)
+    torch.testing.assert_close(FirstErrorFocalLoss()(ce, correct, valid, GAMMA).item(), fe)
+    torch.testing.assert_close(ChainLoss()(ce, valid).item(), chain)
+    terms = AlignmentLoss(focal_weight=0.3, chain_weight=0.5)(ce, correct, valid, GAMMA)
+    torch.testing.assert_close(terms.total.item(), pos + 0.3 * fe + 0.5 * chain)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_case_alone(case):
+    """Every block shape on its own (no other block to hide a mistake in the averaging)."""
+    logits, labels, valid = _blocks()
+    n = list(CASES).index(case)
+    sel = slice(n, n + 1)
+    ce, correct = token_stats(logits[sel], labels[sel])
+    pos, fe, chain = _hand(logits[sel], labels[sel], valid[sel])
+    if valid[sel].any():
+        torch.testing.assert_close(PositionWeightedCE()(ce, valid[sel], GAMMA).item(), pos)
+    else:  # nothing to learn from: zero, not NaN
+        assert PositionWeightedCE()(ce, valid[sel], GAMMA).item() == 0.0
+    torch.testing.assert_close(FirstErrorFocalLoss()(ce, correct, valid[sel], GAMMA).item(), fe)
+    if valid[sel].any():
+        torch.testing.assert_close(ChainLoss()(ce, valid[sel]).item(), chain)
+    else:
+        assert ChainLoss()(ce, valid[sel]).item() == 0.0
+    if case in ("no error", "padded, error only past the end"):
+        assert FirstErrorFocalLoss()(ce, correct, valid[sel], GAMMA).item() == 0.0
+
+
+def test_plain_ce_and_switches():
+    logits, labels, valid = _blocks()
+    ce, correct = token_stats(logits, labels)
+    torch.testing.assert_close(PositionWeightedCE()(ce, valid, None), ce[valid].mean())
+    terms = AlignmentLoss(focal_weight=0.0, chain_weight=0.0)(ce, correct, valid, None)
+    torch.testing.assert_close(terms.total, ce[valid].mean())
+    assert terms.first_error is None and terms.chain is None
+
+
+def test_gamma_schedule():
+    assert GammaSchedule.parse("7").at(0, 10) == GammaSchedule.parse("7").at(9, 10) == 7.0
+    ramp = GammaSchedule.parse("4.5:10.5")
+    assert (ramp.at(0, 11), ramp.at(5, 11), ramp.at(10, 11)) == (4.5, 7.5, 10.5)
+    assert GammaSchedule(None, None).at(3, 10) is None
+    with pytest.raises(ValueError, match="4.5:10.5"):
+        GammaSchedule.parse("fast")
+
+
+@pytest.mark.parametrize("term", ["position", "first_error", "chain"])
+def test_gradcheck_float64(term):
+    _, labels, valid = _blocks()
+    logits, _, _ = _blocks()
+    logits.requires_grad_(True)
+    # The first-error position is read once from the fixed logits (argmax is piecewise
+    # constant; finite differences never cross a tie here).
+    _, correct = token_stats(logits.detach(), labels)
+
+    def f(x):
+        ce, _ = token_stats(x, labels)
+        if term == "position":
+            return PositionWeightedCE()(ce, valid, GAMMA)
+        if term == "first_error":
+            return FirstErrorFocalLoss()(ce, correct, valid, GAMMA)
+        return ChainLoss()(ce, valid)
+
+    assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-7)
