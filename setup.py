@@ -103,7 +103,13 @@ setup(
         "smollm2": ["gguf", "accelerate"],
         "test": ["pytest", "scipy", "gguf", "accelerate"],
     },
-    entry_points={"console_scripts": ["dflare=dflare_sgl.cli:main"]},
+    entry_points={
+        "console_scripts": ["dflare=dflare_sgl.cli:main"],
+        # SGLang's load_plugins() calls this in every process: --speculative-algorithm DFLARE.
+        "sglang.srt.plugins": ["dflare=dflare_sgl.sglang_plugin:register"],
+    },
+    # The CPU-only `sgl_kernel` stand-in is a plain folder put on PYTHONPATH, not a package.
+    package_data={"dflare_sgl.sglang_plugin": ["cpu_standin/sgl_kernel/*.py"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -3,6 +3,7 @@
     dflare generate --target smollm2-135m --prompt "Explain speculative decoding."
     dflare generate --target /path/to/hf --draft /path/to/draft --prompts mtbench --limit 8
     dflare init-draft --target smollm2-135m --out /tmp/draft --layers 5 --fusion layerwise
+    dflare gen-data ... / dflare train ...      (training verbs: dflare_sgl/training/cli.py)
 
 Errors a user can cause (bad paths, broken or mismatched checkpoints, over-long prompts) end
 the command with one ``dflare: error: ...`` line and exit status 2.
@@ -311,11 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=DTYPES, default="float32", help="saved weight dtype (default: float32)"
     )
     init.set_defaults(run=_init_draft)
+    from dflare_sgl.training.cli import add_parser as add_training  # imports this module
+
+    add_training(commands)  # gen-data, train
+    from dflare_sgl.sglang_plugin.serve import add_parser as add_serve
+
+    add_serve(commands)  # serve
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `dflare serve` hands the flags it does not know to SGLang; other verbs refuse them.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not hasattr(args, "passthrough"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.passthrough = unknown
     if not log.handlers:  # the package's own progress notes, e.g. the one-time conversion
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("dflare: %(message)s"))

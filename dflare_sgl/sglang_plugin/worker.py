@@ -1,0 +1,174 @@
+"""The DFLARE speculative worker: SGLang's ``DFlashWorkerV2`` with the project's two ops.
+
+Everything around the two ops is SGLang's own DFlash spec-v2 loop (block drafting in
+TARGET_VERIFY mode over the draft KV pool, target verify, the scheduler's allocator and
+radix cache). This class replaces exactly:
+
+* the draft context K/V materialisation: one ``dflare_sgl.layer_mix.layer_mix_kv`` call
+  writes every draft layer's K/V straight into SGLang's draft KV pool at the pool's slots
+  (DFlare's per-layer mix; DFlash's version loops over layers with one shared context);
+* verification: ``dflare_sgl.verify.verify_block`` for greedy AND sampled requests
+  (temperature, top-k, top-p with Gumbel-max over seeded Philox noise), on every device.
+  SGLang's DFlash falls back to greedy verification where its sampling kernels are missing
+  (CPU); DFLARE never does.
+
+Slots: the verify block's KV slots come from SGLang's allocator (over-allocated per
+request, like DFLASH); verification only decides how many of them become committed
+(``commit_lens``), and the scheduler frees the rest. Draft K/V rows of rejected positions
+are sent to the pool's padding slot 0 (the slot SGLang reserves for dummy writes), so no
+slot outside the committed prefix is written.
+"""
+
+from __future__ import annotations
+
+import torch
+from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
+
+from dflare_sgl.layer_mix import layer_mix_kv
+from dflare_sgl.verify import verify_block
+
+# SGLang reserves KV slot 0 for writes of padded / dummy tokens.
+PADDING_SLOT = 0
+# sglang normalises temperature 0 to (temperature 1, top_k 1): greedy.
+_GREEDY_TOP_K = 1
+
+
+class DFlareWorker(DFlashWorkerV2):
+    """``--speculative-algorithm DFLARE``: a DFlash spec-v2 worker for DFlare drafts."""
+
+    def __init__(self, server_args, gpu_id, nccl_port, target_worker) -> None:
+        super().__init__(server_args, gpu_id, nccl_port, target_worker)
+        if not hasattr(self.draft_model, "layer_mix_weights"):
+            raise ValueError(
+                f"DFLARE needs a QwenDFlareDraftModel draft, got {type(self.draft_model).__name__}"
+            )
+        if self.lilicorr is not None or self.selector is not None or self._is_domino:
+            raise ValueError("DFLARE drafts have no selector / LiLiCorr / Domino heads")
+        self.mix_weights = self.draft_model.layer_mix_weights()
+        self._kv_caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        # Fresh Philox keys per verify step for requests without a sampling seed.
+        self._seed_generator = torch.Generator(device=self.device)
+        self._seed_generator.manual_seed(int(server_args.random_seed or 0))
+
+    # --- draft context K/V -----------------------------------------------------------------
+
+    def _draft_kv_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer ``[num_slots, KVH, hd]`` K and V buffers of the draft KV pool."""
+        if self._kv_caches is None:
+            pool = self.draft_model_runner.token_to_kv_pool
+            attn = [layer.self_attn.attn for layer in self.draft_model.layers]
+            if getattr(pool, "is_quantized_kv_cache", False) or getattr(pool, "use_hnd", False):
+                raise ValueError(
+                    "DFLARE writes the draft KV pool directly and needs SGLang's plain "
+                    "[slots, heads, head_dim] layout: drop the quantized / HND KV cache option"
+                )
+            if any(a.k_scale is not None or a.v_scale is not None for a in attn):
+                raise ValueError("DFLARE does not support scaled (fp8 with scales) draft KV caches")
+            self._kv_caches = (
+                [pool._get_key_buffer(a.layer_id) for a in attn],
+                [pool._get_value_buffer(a.layer_id) for a in attn],
+            )
+        return self._kv_caches
+
+    def _append_target_hidden_to_draft_kv_by_loc(
+        self,
+        *,
+        target_hidden: torch.Tensor,
+        cache_loc: torch.Tensor,
+        positions: torch.Tensor,
+        cache_loc_2d: torch.Tensor | None = None,
+        commit_lens: torch.Tensor | None = None,
+        extend_lens: torch.Tensor | None = None,
+    ) -> None:
+        """Write the draft's context K/V of N tokens at ``cache_loc`` with ``layer_mix_kv``.
+
+        Args:
+          target_hidden: ``[>= N, T*H]`` captured target layers, concatenated (rows past N
+            are alignment padding).
+          cache_loc: ``[N]`` draft pool slots; positions: ``[N]`` absolute positions.
+          cache_loc_2d, commit_lens: after a verify, ``[bs, B]`` slots of the verify blocks
+            and ``[bs]`` committed counts: only the committed prefix of each block is kept.
+        """
+        n = cache_loc.numel()
+        if n == 0:
+            return
+        w = self.mix_weights
+        t, h = w.fusion_probs.shape[1], w.hidden_norm_weight.shape[0]
+        hidden = target_hidden[:n].to(w.hidden_norm_weight.dtype).reshape(n, t, h).contiguous()
+        slots = cache_loc.to(torch.int64)
+        if commit_lens is not None:
+            block = cache_loc_2d.shape[1]
+            offsets = torch.arange(block, device=slots.device)
+            kept = (offsets[None, :] < commit_lens[:, None]).flatten()
+            slots = torch.where(kept, slots, PADDING_SLOT)
+        k_caches, v_caches = self._draft_kv_caches()
+        with torch.inference_mode():
+            layer_mix_kv(hidden, w, positions.to(torch.int64), slots, k_caches, v_caches)
+
+    # --- verification ----------------------------------------------------------------------
+
+    def _validate_phase1_sampling_support(self, batch) -> None:
+        """Nothing to warn about: every sampled request is verified exactly (min_p requests
+        are refused at admission, ``spec.refuse_unsupported_request``)."""
+
+    def _can_skip_verify_logits(self, batch, sampling_info) -> bool:
+        return False  # verify_block reads the logits itself, greedy rows included
+
+    def _sampling_rows(self, sampling_info, bs: int):
+        """Per-request (temperatures f32, top_k i64, top_p f32, seeds i64), each ``[bs]``."""
+        device = self.device
+        if sampling_info is None:  # greedy: temperature 0, no filters
+            zeros = torch.zeros(bs, dtype=torch.int64, device=device)
+            return zeros.float(), zeros, zeros.float() + 1, zeros
+        top_k = sampling_info.top_ks.to(torch.int64).view(bs)
+        temperatures = sampling_info.temperatures.to(torch.float32).view(bs)
+        temperatures = torch.where(top_k == _GREEDY_TOP_K, 0.0, temperatures)
+        top_p = sampling_info.top_ps.to(torch.float32).view(bs)
+        if sampling_info.sampling_seed is not None:
+            seeds = sampling_info.sampling_seed.to(torch.int64).view(bs)
+        else:
+            seeds = torch.randint(0, 2**62, (bs,), generator=self._seed_generator, device=device)
+        return temperatures, top_k, top_p, seeds
+
+    def _accept_block(
+        self,
+        *,
+        candidates: torch.Tensor,
+        next_token_logits: torch.Tensor,
+        sampling_info,
+        draft_input,
+        prefix_lens: torch.Tensor,
+        bs: int,
+        target_predict: torch.Tensor | None = None,
+    ):
+        """Accept a prefix of each drafted block with ``verify_block``.
+
+        ``candidates [bs, B]`` is ``[x_last, d_1 .. d_{B-1}]`` at positions
+        ``prefix_lens + k``; ``next_token_logits [bs*B, V]``. Returns DFlashWorkerV2's
+        ``(accept_len, commit_lens, bonus, out_tokens, new_seq_lens)``.
+        """
+        block = int(self.block_size)
+        temperatures, top_k, top_p, seeds = self._sampling_rows(sampling_info, bs)
+        result = verify_block(
+            draft_tokens=candidates[:, 1:].to(torch.int64).contiguous(),
+            logits=next_token_logits,
+            seq_lens=prefix_lens.to(torch.int64),
+            # The scheduler cuts at stop tokens and max_new_tokens on the committed tokens.
+            remaining=torch.full((bs,), block, dtype=torch.int64, device=self.device),
+            temperatures=temperatures,
+            top_k=top_k,
+            top_p=top_p,
+            seeds=seeds,
+            stop_token_ids=torch.empty((bs, 0), dtype=torch.int64, device=self.device),
+            block_slots=self._draft_verify_out_cache_loc_buf[:bs].to(torch.int64),
+        )
+        rows = torch.arange(bs, device=self.device)
+        bonus = result.committed[rows, result.num_committed - 1]
+        out_tokens = result.committed.clamp_min(0)
+        return (
+            result.accept_lens.to(torch.int32),
+            result.num_committed.to(torch.int32),
+            bonus,
+            out_tokens,
+            result.new_seq_lens.to(prefix_lens.dtype),
+        )

@@ -1,0 +1,78 @@
+"""TEST-ONLY DFLARE workers, selected with the plugin's hook ``DFLARE_SGLANG_WORKER``.
+
+* ``OracleDraftWorker`` drafts known-correct continuations (long acceptance):
+  ``DFLARE_TEST_ORACLE`` names a JSON file ``{"entries": [{"prompt": [ids], "continuation":
+  [ids]}], "corrupt_every": k}``; one draft token is corrupted in every k-th block (k=0:
+  never) so that blocks also end in a rejection.
+* ``DraftRecordingWorker`` leaves the drafts alone and records them (``DFLARE_TEST_RECORD``).
+
+Everything but the draft-token head is the real DFlareWorker (draft forward, layer_mix_kv,
+verify_block, commit / rollback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dflare_sgl.sglang_plugin.worker import DFlareWorker
+
+
+class _BatchAwareWorker(DFlareWorker):
+    """Keeps the batch being decoded, so the draft head can see its requests."""
+
+    def forward_batch_generation(self, batch, *args, **kwargs):
+        self._batch = batch
+        return super().forward_batch_generation(batch, *args, **kwargs)
+
+
+class OracleDraftWorker(_BatchAwareWorker):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        spec = json.loads(Path(os.environ["DFLARE_TEST_ORACLE"]).read_text())
+        self._sequences = {
+            tuple(e["prompt"]): e["prompt"] + e["continuation"] for e in spec["entries"]
+        }
+        self._corrupt_every = int(spec.get("corrupt_every", 0))
+
+    def _greedy_sample_from_vocab_parallel_head(self, *, hidden_states, lm_head, **kwargs):
+        drafted = super()._greedy_sample_from_vocab_parallel_head(
+            hidden_states=hidden_states, lm_head=lm_head, **kwargs
+        )
+        batch, width = self._batch, int(self.block_size) - 1
+        drafted = drafted.view(len(batch.reqs), width)
+        for i, (req, prefix) in enumerate(zip(batch.reqs, batch.seq_lens.tolist(), strict=True)):
+            known = self._sequences.get(tuple(req.origin_input_ids))
+            if known is None:
+                continue
+            # The block is [x_last, d_1..]: x_last sits at position `prefix`.
+            future = known[prefix + 1 : prefix + 1 + width]
+            drafted[i, : len(future)] = torch.tensor(future, dtype=drafted.dtype)
+            if self._corrupt_every and prefix % self._corrupt_every == 0 and future:
+                k = prefix % len(future)
+                drafted[i, k] = (drafted[i, k] + 1) % lm_head.weight.shape[0]
+        return drafted.flatten()
+
+
+class DraftRecordingWorker(_BatchAwareWorker):
+    """Records what the real draft proposes: for each request and verify step, ``{"prompt",
+    "prefix", "block": [x_last, d_1 .. d_{B-1}]}`` appended to the JSONL file named by
+    ``DFLARE_TEST_RECORD`` (drafts unchanged; for parity with the reference draft model)."""
+
+    def _greedy_sample_from_vocab_parallel_head(self, *, hidden_states, lm_head, **kwargs):
+        drafted = super()._greedy_sample_from_vocab_parallel_head(
+            hidden_states=hidden_states, lm_head=lm_head, **kwargs
+        )
+        batch = self._batch
+        rows = drafted.view(len(batch.reqs), -1).tolist()
+        bonus = batch.spec_info.bonus_tokens.view(-1).tolist()
+        with open(os.environ["DFLARE_TEST_RECORD"], "a") as f:
+            for req, prefix, x_last, row in zip(
+                batch.reqs, batch.seq_lens.tolist(), bonus, rows, strict=True
+            ):
+                record = {"prompt": list(req.origin_input_ids), "prefix": prefix}
+                f.write(json.dumps({**record, "block": [x_last, *row]}) + "\n")
+        return drafted

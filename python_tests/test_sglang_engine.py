@@ -1,0 +1,254 @@
+"""DFLARE inside a real SGLang 0.5.23 Engine on CPU (no mock of SGLang).
+
+Three engines, each started once for the module: SmolLM2-135M-Instruct without
+speculation (the reference), with DFLARE and a random-weight DFlare draft, and with DFLARE
+and a test-only worker that drafts known-correct continuations (long acceptance). All run
+in float32, so greedy equality is exact: no bf16 logit ties to break differently between
+the verify GEMM (M = B rows per request) and the decode GEMM (M = 1). Every engine has the
+radix cache on and chunked prefill at 32 tokens, and runs SGLang's strict idle memory
+check (a leaked KV or request slot raises in the scheduler and fails the run).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from sglang_support import engine_kwargs, run_engine
+
+from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig, capture_target_hidden
+
+MAX_NEW = 24
+SHARED = (
+    "You are a helpful assistant. Answer the question briefly and precisely, using simple "
+    "words that a child could understand, in one or two sentences. Question: "
+)
+PROMPTS = [  # ragged; the SHARED ones exceed one 32-token prefill chunk
+    "The capital of France is",
+    "def fibonacci(n):",
+    "1, 2, 3, 4, 5,",
+    "Once upon a time",
+    SHARED + "What is the sun?",
+    SHARED + "Why is the sky blue?",
+    "Translate to French: I like apples.",
+    "The quick brown fox",
+    SHARED + "How do birds fly?",
+]
+# Sent after PROMPTS finished: their SHARED prefix is then in the radix cache.
+CACHED_PROMPTS = [SHARED + "What is rain?", SHARED + "Why do cats purr?"]
+GREEDY = {"temperature": 0, "max_new_tokens": MAX_NEW}
+# Sampling check: the token after "Once upon a time" + "," (p = 0.93) comes from DFLARE's
+# verify step (the first one is sampled by SGLang's own prefill sampler); the oracle drafts
+# the greedy continuation there, so both accepted and rejected drafts occur.
+SAMPLE_PROMPT = "Once upon a time"
+SAMPLING = {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "max_new_tokens": 2}
+NUM_SAMPLES = 300
+
+
+def _ids(tokenizer, texts):
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def _write_draft(target_dir, out_dir, block_size: int):
+    from transformers import AutoConfig
+
+    config = DraftConfig.for_target(
+        AutoConfig.from_pretrained(target_dir), num_draft_layers=2, block_size=block_size
+    )
+    DFlareDraftModel(config, generator=torch.Generator().manual_seed(0)).save_pretrained(out_dir)
+    return out_dir
+
+
+def _greedy_jobs(tokenizer):
+    return [
+        {"kind": "generate", "input_ids": _ids(tokenizer, PROMPTS), "sampling_params": GREEDY},
+        {
+            "kind": "generate",
+            "input_ids": _ids(tokenizer, CACHED_PROMPTS),
+            "sampling_params": GREEDY,
+        },
+    ]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("sglang_engine")
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir, tokenizer, workdir):
+    """Greedy outputs of the target alone in the same engine configuration."""
+    return run_engine(workdir, "reference", engine_kwargs(smollm2_dir), _greedy_jobs(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def dflare_random(smollm2_dir, tokenizer, workdir):
+    """DFLARE with a random-weight draft (block 4): greedy runs, then churn with aborts; the
+    draft's proposals are recorded (drafts.jsonl) for the parity test."""
+    draft = _write_draft(smollm2_dir, workdir / "draft_b4", block_size=4)
+    churn_ids = _ids(tokenizer, [f"Count from {i} to {i + 20}:" for i in range(200)])
+    churn_params = [
+        {"temperature": 0.7 if i % 2 else 0, "max_new_tokens": 6 + i % 11} for i in range(200)
+    ]
+    jobs = _greedy_jobs(tokenizer) + [
+        {"kind": "server_info"},
+        {
+            "kind": "churn",
+            "input_ids": churn_ids,
+            "sampling_params": churn_params,
+            "abort_every": 4,
+        },
+        {"kind": "flush_cache"},
+        _greedy_jobs(tokenizer)[0],
+    ]
+    return run_engine(
+        workdir,
+        "dflare_random",
+        engine_kwargs(smollm2_dir, draft),
+        jobs,
+        DFLARE_SGLANG_WORKER="sglang_test_workers:DraftRecordingWorker",
+        DFLARE_TEST_RECORD=str(workdir / "drafts.jsonl"),
+    )
+
+
+@pytest.fixture(scope="module")
+def dflare_oracle(smollm2_dir, tokenizer, workdir, reference):
+    """DFLARE (block 8) drafting the reference's own greedy continuations, one draft token
+    corrupted in every third block; plus the sampling job."""
+    draft = _write_draft(smollm2_dir, workdir / "draft_b8", block_size=8)
+    prompts = _ids(tokenizer, PROMPTS)
+    entries = [
+        {"prompt": p, "continuation": out["output_ids"]}
+        for p, out in zip(prompts, reference[0], strict=True)
+    ]
+    oracle = workdir / "oracle.json"
+    oracle.write_text(json.dumps({"entries": entries, "corrupt_every": 3}))
+    sample_ids = _ids(tokenizer, [SAMPLE_PROMPT])[0]
+    jobs = [
+        {"kind": "generate", "input_ids": prompts, "sampling_params": GREEDY},
+        {
+            "kind": "generate",
+            "input_ids": [sample_ids] * NUM_SAMPLES,
+            "sampling_params": SAMPLING,
+        },
+    ]
+    return run_engine(
+        workdir,
+        "dflare_oracle",
+        engine_kwargs(smollm2_dir, draft),
+        jobs,
+        DFLARE_SGLANG_WORKER="sglang_test_workers:OracleDraftWorker",
+        DFLARE_TEST_ORACLE=str(oracle),
+    )
+
+
+def _tokens(outputs):
+    return [o["output_ids"] for o in outputs]
+
+
+def test_random_draft_greedy_matches_target(reference, dflare_random):
+    assert _tokens(dflare_random[0]) == _tokens(reference[0])
+    assert _tokens(dflare_random[1]) == _tokens(reference[1])
+    # The shared prefix came from the radix cache (target and draft KV at the same slots).
+    assert all(o["meta"]["cached_tokens"] >= 24 for o in dflare_random[1])
+    # Every request decoded through DFLARE verify steps (one per committed block).
+    assert all(o["meta"]["spec_verify_ct"] >= 1 for o in dflare_random[0])
+
+
+def test_draft_proposals_match_reference_model(
+    smollm2_target, tokenizer, workdir, reference, dflare_random
+):
+    """SGLang's QwenDFlareDraftModel with layer_mix_kv context proposes the tokens that the
+    package's reference DFlareDraftModel proposes from the same checkpoint and context."""
+    model, _ = smollm2_target
+    draft = DFlareDraftModel.from_pretrained(workdir / "draft_b4")
+    block = draft.block_size
+    sequences = {
+        tuple(p): p + out["output_ids"]
+        for p, out in zip(_ids(tokenizer, PROMPTS), reference[0], strict=True)
+    }
+    records = [json.loads(line) for line in (workdir / "drafts.jsonl").open()]
+    records = [r for r in records if tuple(r["prompt"]) in sequences][:16]
+    assert len(records) == 16
+    matches = 0
+    for r in records:
+        seq, prefix = sequences[tuple(r["prompt"])], r["prefix"]
+        assert r["block"][0] == seq[prefix]  # x_last: the greedy output is the reference's
+        block_ids = torch.tensor([[seq[prefix]] + [draft.mask_token_id] * (block - 1)])
+        with torch.no_grad():
+            hidden = model(torch.tensor([seq[:prefix]]), output_hidden_states=True).hidden_states
+            # SGLang's ModelRunner hands the draft its input embeddings as bfloat16.
+            noise = model.get_input_embeddings()(block_ids).bfloat16().float()
+            out = draft(
+                position_ids=torch.arange(prefix + block)[None],
+                noise_embedding=noise,
+                target_hidden=capture_target_hidden(hidden, draft.target_layer_ids),
+            )
+            proposed = model.lm_head(out[0, 1:]).argmax(-1).tolist()
+        matches += sum(a == b for a, b in zip(proposed, r["block"][1:], strict=True))
+    # fp32 on both sides; only summation order differs between the two implementations.
+    assert matches / (len(records) * (block - 1)) >= 0.95, matches
+
+
+def test_accept_length_in_server_info(dflare_random):
+    info = dflare_random[2]
+    assert info["speculative_algorithm"] == "DFLARE"
+    assert info["avg_spec_accept_length"] >= 1.0
+
+
+def test_churn_with_aborts_leaks_nothing(reference, dflare_random):
+    churn = dflare_random[3]
+    assert churn == {"finished": 150, "aborted": 50}
+    # flush_cache succeeds only when no request holds KV; SGLang's strict idle check
+    # (available + evictable == total for the KV allocator the target and draft pools
+    # share, and for the request pool) ran after every step and did not raise.
+    assert dflare_random[4] is True
+    assert _tokens(dflare_random[5]) == _tokens(reference[0])
+
+
+def test_known_drafts_long_acceptance(reference, dflare_oracle):
+    greedy = dflare_oracle[0]
+    assert _tokens(greedy) == _tokens(reference[0])
+    accept = [o["meta"]["spec_accept_length"] for o in greedy]
+    # Block 8 with a wrong token in every third block: ~4-6 tokens per verify step.
+    assert np.mean(accept) > 3.0, accept
+
+
+def test_sampling_matches_target_distribution(smollm2_target, tokenizer, dflare_oracle):
+    """Chi-square of the verify-sampled token against the target's filtered distribution."""
+    model, _ = smollm2_target
+    samples = [o["output_ids"] for o in dflare_oracle[1]]
+    first = max({s[0] for s in samples}, key=[s[0] for s in samples].count)
+    seconds = [s[1] for s in samples if s[0] == first]
+    assert len(seconds) >= NUM_SAMPLES // 2
+    ids = torch.tensor([_ids(tokenizer, [SAMPLE_PROMPT])[0] + [first]])
+    with torch.no_grad():
+        z = model(ids).logits[0, -1].float() / SAMPLING["temperature"]
+    z[z < z.topk(SAMPLING["top_k"]).values[-1]] = -float("inf")
+    probs = z.softmax(-1)
+    order = probs.argsort(descending=True)
+    above = probs[order].cumsum(0) - probs[order]
+    probs[order[above >= SAMPLING["top_p"]]] = 0
+    probs /= probs.sum()
+    assert all(probs[t] > 0 for t in seconds), "sampled a token the filters exclude"
+    n = len(seconds)
+    probs = probs.double()
+    bins = [t for t in probs.nonzero().flatten().tolist() if probs[t] * n >= 5]
+    observed = np.array([seconds.count(t) for t in bins] + [0.0])
+    observed[-1] = n - observed.sum()
+    expected = np.array([float(probs[t]) * n for t in bins] + [0.0])
+    expected[-1] = n - expected.sum()
+    if expected[-1] < 1e-6:  # the binned tokens hold all the mass
+        observed, expected = observed[:-1], expected[:-1]
+    result = chisquare(observed, expected * observed.sum() / expected.sum())
+    assert len(bins) >= 4 and result.pvalue > 1e-3, (bins, observed, expected)

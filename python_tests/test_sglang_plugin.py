@@ -1,0 +1,181 @@
+"""The DFLARE plugin's registration and server-argument resolution, against real SGLang 0.5.23.
+
+SGLang is imported in this process in CPU mode (the plugin's own recipe, ``cpu_compat``);
+``ServerArgs.resolve_once()`` runs SGLang's whole resolution pipeline, which calls the
+plugin's ``handle_server_args``. No engine is started here (see test_sglang_engine.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
+from dflare_sgl.sglang_plugin import cpu_compat
+
+
+@pytest.fixture(scope="module")
+def sglang_cpu():
+    """SGLang imported in CPU mode with the plugins loaded (what every SGLang process does)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SGLANG_USE_CPU_ENGINE", "1")
+        mp.syspath_prepend(str(cpu_compat.STANDIN_DIR))
+        from sglang.srt.plugins import load_plugins
+
+        load_plugins()
+        yield sys.modules["sglang"]
+
+
+@pytest.fixture(scope="module")
+def draft_config(smollm2_dir, tmp_path_factory):
+    """config.json dict of a 2-layer DFlare draft (block 8) for SmolLM2; the server
+    arguments only read the config, so variants are written without weights."""
+    folder = tmp_path_factory.mktemp("draft")
+    config = DraftConfig.for_target(
+        AutoConfig.from_pretrained(smollm2_dir), num_draft_layers=2, block_size=8
+    )
+    DFlareDraftModel(config, generator=torch.Generator().manual_seed(0)).save_pretrained(folder)
+    return json.loads((folder / "config.json").read_text())
+
+
+def _resolve(sglang_cpu, target, draft_dir, **kwargs):
+    from sglang.srt.arg_groups.overrides import resolved_view
+    from sglang.srt.server_args import ServerArgs
+
+    args = ServerArgs(
+        model_path=str(target),
+        device="cpu",
+        speculative_algorithm="DFLARE",
+        speculative_draft_model_path=None if draft_dir is None else str(draft_dir),
+        **kwargs,
+    )
+    args.resolve_once()
+    return resolved_view(args)
+
+
+def _write(tmp_path, config):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_entry_point_is_installed():
+    eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert eps.get("dflare") == "dflare_sgl.sglang_plugin:register"
+
+
+def test_load_plugins_registers_dflare(sglang_cpu):
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from dflare_sgl.sglang_plugin.models.qwen_dflare import QwenDFlareDraftModel
+    from dflare_sgl.sglang_plugin.spec import DFlareSpecAlgo
+    from dflare_sgl.sglang_plugin.worker import DFlareWorker
+
+    algo = SpeculativeAlgorithm.from_string("dflare")
+    assert isinstance(algo, DFlareSpecAlgo)
+    # What the scheduler and the DFlash machinery ask of it.
+    assert algo.is_dflash() and algo.is_dflash_family() and algo.supports_overlap
+    assert algo.supports_target_verify_for_draft() and not algo.need_topk()
+    assert not algo.carries_draft_hidden_states() and not algo.is_eagle()
+    assert callable(algo.create_future_map)
+    assert algo.factory(None) is DFlareWorker
+    cls, arch = ModelRegistry.resolve_model_cls(["QwenDFlareDraftModel"])
+    assert cls is QwenDFlareDraftModel and arch == "QwenDFlareDraftModel"
+
+
+def test_server_args_resolve_from_draft(sglang_cpu, smollm2_dir, draft_config, tmp_path):
+    draft = _write(tmp_path, draft_config)
+    cfg = _resolve(sglang_cpu, smollm2_dir, draft)
+    assert cfg.speculative_num_draft_tokens == 8  # the draft's block_size
+    assert (cfg.speculative_num_steps, cfg.speculative_eagle_topk) == (1, 1)
+    assert cfg.speculative_draft_attention_backend == "torch_native"  # CPU default
+    # --speculative-num-draft-tokens overrides the draft's block size.
+    cfg = _resolve(sglang_cpu, smollm2_dir, draft, speculative_num_draft_tokens=5)
+    assert cfg.speculative_num_draft_tokens == 5
+    # The mask token and captured layers reach SGLang's DFlash machinery (the worker's mask
+    # id, the target's hidden-state capture) from the same config, unchanged.
+    from sglang.srt.speculative.dflash_utils import parse_dflash_draft_config
+
+    parsed = parse_dflash_draft_config(draft_hf_config=draft_config)
+    assert parsed.mask_token_id == 49151 and parsed.target_layer_ids == [1, 27]
+
+
+def _dflash(config):
+    config["architectures"] = ["DFlashDraftModel"]
+
+
+def _hidden(config):
+    config["hidden_size"] = 512
+
+
+def _mask(config):
+    config["dflash_config"]["mask_token_id"] = 49152
+
+
+def _layers(config):
+    config["dflash_config"]["target_layer_ids"] = [1, 30]
+
+
+@pytest.mark.parametrize(
+    "edit, kwargs, message",
+    [
+        (_dflash, {}, "--speculative-algorithm DFLASH"),
+        (_hidden, {}, "draft hidden_size 512 != target hidden_size 576"),
+        (_mask, {}, "mask_token_id 49152 is not inside the target vocab"),
+        (_layers, {}, "target_layer_ids [30] are outside the target's layers"),
+        (None, {"speculative_num_draft_tokens": 9}, "block size in [2, 8]"),
+        (None, {"speculative_num_draft_tokens": 1}, "block size in [2, 8]"),
+        (None, {"speculative_draft_window_size": 64}, "--speculative-draft-window-size"),
+    ],
+)
+def test_impossible_combinations_name_the_fix(
+    sglang_cpu, smollm2_dir, draft_config, tmp_path, edit, kwargs, message
+):
+    config = copy.deepcopy(draft_config)
+    if edit is not None:
+        edit(config)
+    with pytest.raises(ValueError) as info:
+        _resolve(sglang_cpu, smollm2_dir, _write(tmp_path, config), **kwargs)
+    assert message in str(info.value)
+
+
+def test_missing_draft_is_refused(sglang_cpu, smollm2_dir):
+    with pytest.raises(ValueError, match="--speculative-draft-model-path"):
+        _resolve(sglang_cpu, smollm2_dir, None)
+
+
+def test_cpu_standin_ops(sglang_cpu):
+    """The `sgl_kernel` CPU stand-in does what SGLang's call sites expect of each op."""
+    import sgl_kernel
+
+    assert sgl_kernel.__file__.startswith(str(cpu_compat.STANDIN_DIR))
+    req_to_token = torch.zeros(3, 8, dtype=torch.int32)
+    rows, start, end = torch.tensor([2, 0]), torch.tensor([1, 0]), torch.tensor([3, 2])
+    sgl_kernel.assign_req_to_token_pool_cpu(
+        rows, req_to_token, start, end, torch.tensor([5, 6, 7, 8]), 8
+    )
+    assert req_to_token[2, 1:3].tolist() == [5, 6] and req_to_token[0, :2].tolist() == [7, 8]
+    packed = torch.empty(4, dtype=torch.int64)
+    sgl_kernel.assign_extend_cache_locs_cpu(rows, req_to_token, start, end, packed, 8)
+    assert packed.tolist() == [5, 6, 7, 8]
+    out = torch.empty(4, dtype=torch.int64)
+    sgl_kernel.assign_draft_cache_locs_contiguous_cpu(
+        rows, req_to_token, torch.tensor([1, 0]), out, 8, 1, 2
+    )
+    assert out.tolist() == [5, 6, 7, 8]
+    k, v = torch.arange(12.0).view(4, 3), torch.arange(8, dtype=torch.int16).view(4, 2)
+    ptrs = torch.tensor([k.data_ptr(), v.data_ptr()])
+    strides = torch.tensor([k.stride(0) * k.element_size(), v.stride(0) * v.element_size()])
+    sgl_kernel.copy_all_layer_kv_cache_cpu(
+        ptrs, strides, torch.tensor([0, 3]), torch.tensor([2, 1])
+    )
+    assert k[0].tolist() == [6.0, 7.0, 8.0] and k[3].tolist() == [3.0, 4.0, 5.0]
+    assert v[0].tolist() == [4, 5] and v[3].tolist() == [2, 3]
+    with pytest.raises(NotImplementedError, match="stand-in"):
+        sgl_kernel.fused_moe_cpu()
