@@ -197,21 +197,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def add_target_argument(p: argparse.ArgumentParser) -> None:
+    """``--target``, as every verb that loads a target takes it."""
+    p.add_argument(
+        "--target",
+        default="smollm2-135m",
+        metavar="TARGET",
+        help=f"built-in offline target ({', '.join(TARGET_ALIASES)}) or a local HF model "
+        "folder (default: %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    aliases = ", ".join(TARGET_ALIASES)
     parser = argparse.ArgumentParser(
         prog="dflare", description="DFlare / DFlash block-diffusion speculative decoding."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add_target(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--target",
-            default="smollm2-135m",
-            metavar="TARGET",
-            help=f"built-in offline target ({aliases}) or a local HF model folder "
-            "(default: %(default)s)",
-        )
 
     gen = commands.add_parser(
         "generate",
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "target's own decoding) and print each text, then tau (tokens committed per target "
         "forward), tokens/s and drafted/accepted counts per request and overall.",
     )
-    add_target(gen)
+    add_target_argument(gen)
     gen.add_argument(
         "--draft",
         metavar="PATH",
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DFlare (--fusion layerwise, AngelSlim QwenDFlareDraftModel) or DFlash (--fusion "
         "shared, z-lab DFlashDraftModel). A starting point for training, or for testing.",
     )
-    add_target(init)
+    add_target_argument(init)
     init.add_argument("--out", required=True, metavar="DIR", help="output folder")
     init.add_argument(
         "--layers",

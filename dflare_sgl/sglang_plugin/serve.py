@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from dflare_sgl.cli import add_target_argument
 from dflare_sgl.sglang_plugin.cpu_compat import engine_env
-from dflare_sgl.target import TARGET_ALIASES, resolve_target
+from dflare_sgl.target import resolve_target
 
 BUNDLED_DRAFT_MODULE = "dflare_sgl.bundled_draft"
 
@@ -70,12 +71,7 @@ def add_parser(commands) -> None:
         "--speculative-algorithm DFLARE. Any other flag goes to SGLang unchanged, e.g. "
         "`dflare serve --draft D --mem-fraction-static 0.5 --dtype float32`.",
     )
-    serve.add_argument(
-        "--target",
-        default="smollm2-135m",
-        help=f"built-in target ({', '.join(TARGET_ALIASES)}) or a local HF model folder "
-        "(default: %(default)s)",
-    )
+    add_target_argument(serve)
     serve.add_argument(
         "--draft",
         metavar="DIR",

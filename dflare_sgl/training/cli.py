@@ -12,7 +12,7 @@ from dataclasses import fields
 
 import torch
 
-from dflare_sgl.cli import _device, _positive
+from dflare_sgl.cli import _device, _positive, add_target_argument
 from dflare_sgl.draft_model import FUSION_ARCHITECTURE
 
 
@@ -55,7 +55,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "evaluation prompts excluded) into JSONL shards with token ids and a loss mask. "
         "Re-running the same command resumes after the last complete shard.",
     )
-    gen.add_argument("--target", default="smollm2-135m", help="alias or local HF folder")
+    add_target_argument(gen)
     gen.add_argument("--prompts", default="sharegpt", choices=["sharegpt"])
     gen.add_argument("--limit", type=_positive, metavar="N", help="number of prompts (default all)")
     gen.add_argument("--max-new-tokens", type=_positive, default=256, metavar="M")
@@ -83,7 +83,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--out/checkpoints, metrics to --out/metrics.jsonl. Under torchrun the draft is "
         "FSDP2-sharded and the data split by rank.",
     )
-    tr.add_argument("--target", default="smollm2-135m", help="alias or local HF folder")
+    add_target_argument(tr)
     tr.add_argument("--data", required=True, metavar="DIR", help="a gen-data folder")
     tr.add_argument("--out", required=True, metavar="DIR")
     tr.add_argument(
