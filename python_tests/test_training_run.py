@@ -17,11 +17,15 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from dflare_sgl.cli import main
-from dflare_sgl.draft_model import DFlareDraftModel
+from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
 from dflare_sgl.engine import SamplingParams, SpeculativeDecoder
 from dflare_sgl.target import load_target
+from dflare_sgl.training.context_cache import TargetContextCache
 from dflare_sgl.training.data import load_sequences, training_prompts
 from dflare_sgl.training.generate import GenDataConfig, generate_data
+from dflare_sgl.training.initialize import init_from_target
+from dflare_sgl.training.loader import collate
+from dflare_sgl.training.objective import target_context
 from dflare_sgl.training.trainer import TrainConfig, held_out_tau, train
 
 
@@ -130,10 +134,18 @@ def test_training_prompts_are_deduplicated():
     assert len(texts) == len(set(texts)) == 2000
 
 
-def test_resume_is_exact(tmp_path, tiny_target, tiny_data):
+@pytest.mark.parametrize("cache", [False, True], ids=["recompute", "cache_target_hidden"])
+def test_resume_is_exact(tmp_path, tiny_target, tiny_data, cache):
     """6 steps straight == 3 steps, stop, --resume, 3 more steps (CPU fp32, bit for bit).
-    Both evaluate real tau on 2 held-out sequences every 3 steps, which must not disturb it."""
-    evals = {"eval_every": 3, "eval_prompts": 2, "eval_max_new_tokens": 8}
+    Both evaluate real tau on 2 held-out sequences every 3 steps, which must not disturb it.
+    With the target-hidden cache, steps 5-6 start a second epoch: the straight run reads them
+    from its cache, the resumed one (empty cache) recomputes part of them."""
+    evals = {
+        "eval_every": 3,
+        "eval_prompts": 2,
+        "eval_max_new_tokens": 8,
+        "cache_target_hidden": cache,
+    }
     straight = train(_train_config(tiny_target, tiny_data, tmp_path / "a", steps=6, **evals))
     split = _train_config(tiny_target, tiny_data, tmp_path / "b", steps=6, **evals)
     train(replace(split, stop_after_steps=3))
@@ -153,6 +165,42 @@ def test_resume_is_exact(tmp_path, tiny_target, tiny_data):
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
     assert [r["step"] for r in logs[1] if "eval_tau" in r] == [3, 6]
     assert all(r["eval_tau"] >= 1.0 for r in logs[1] if "eval_tau" in r)
+
+
+def test_cached_context_matches_batched(tiny_target, tiny_data):
+    """A cached (per-sequence, unpadded) context equals the batched forward's on real tokens
+    and is zero on padding."""
+    target, _ = load_target(tiny_target, dtype=torch.float32)
+    sequences = load_sequences(Path(tiny_data))
+    batch = collate(sequences[:3])
+    layers = [0, 1]
+    cache = TargetContextCache(layers, None)
+    cached = cache.context(target, batch, [0, 1, 2])
+    batched = target_context(target, batch, layers, None)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(cached[real], batched[real], rtol=1e-5, atol=1e-5)
+    assert not cached[~real].any()
+    assert sorted(cache.store) == [0, 1, 2]
+    assert torch.equal(cache.context(target, batch, [0, 1, 2]), cached)  # read back
+
+
+@pytest.mark.parametrize("fusion", ["layerwise", "shared"])
+def test_init_from_target_copies_the_top_layers(tiny_target, fusion):
+    target, _ = load_target(tiny_target, dtype=torch.float32)
+    config = DraftConfig.for_target(target.config, num_draft_layers=2, fusion=fusion)
+    draft = DFlareDraftModel(config)
+    assert init_from_target(draft, target) == [4, 5]  # the tiny target has 6 layers
+    for mine, theirs in zip(draft.layers, target.model.layers[4:], strict=True):
+        for name, p in theirs.named_parameters():
+            assert torch.equal(mine.get_parameter(name), p), name
+        if fusion == "layerwise":
+            assert torch.equal(mine.self_attn.k_proj_target.weight, theirs.self_attn.k_proj.weight)
+            assert torch.equal(mine.self_attn.v_proj_target.weight, theirs.self_attn.v_proj.weight)
+        assert torch.equal(mine.self_attn.q_norm.weight, torch.ones(config.head_dim))
+    assert torch.equal(draft.norm.weight, target.model.norm.weight)
+    narrow = DraftConfig.for_target(target.config, num_draft_layers=1, intermediate_size=32)
+    with pytest.raises(ValueError, match="no same-shape counterpart"):
+        init_from_target(DFlareDraftModel(narrow), target)
 
 
 def test_training_learns(tmp_path, tiny_target, tiny_data):

@@ -100,6 +100,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="target layers the draft reads (default: D)",
     )
     tr.add_argument("--block-size", type=_positive, default=16)
+    tr.add_argument(
+        "--init-from-target",
+        action="store_true",
+        help="start draft layer i as a copy of target layer L-D+i (and the target's final norm)",
+    )
     length = tr.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive, metavar="N")
     length.add_argument("--epochs", type=float, metavar="E", help="default: 1 epoch")
@@ -138,6 +143,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="chain loss weight, 0 = off (default: 0.1)",
     )
     tr.add_argument("--max-seq-len", type=_positive, default=2048)
+    tr.add_argument(
+        "--cache-target-hidden",
+        action="store_true",
+        help="keep the target's hidden states of each sequence in host memory after its first "
+        "epoch instead of recomputing them (about 2x faster epochs on CPU; T*H*2 bytes/token)",
+    )
     tr.add_argument(
         "--precision",
         choices=["auto", "bf16", "fp32"],

@@ -71,9 +71,14 @@ def draft_block_stats(
     layer_ids: list[int],
     generator: torch.Generator,
     dtype: torch.dtype | None,
+    context: torch.Tensor | None = None,
 ) -> BlockStats:
-    """Sample anchors, run every block of every sequence through the draft, score them."""
-    context = target_context(target, batch, layer_ids, dtype)
+    """Sample anchors, run every block of every sequence through the draft, score them.
+
+    ``context``: the batch's captured target hidden states ``[b, S, T, H]`` when already known
+    (:mod:`context_cache`); None computes them."""
+    if context is None:
+        context = target_context(target, batch, layer_ids, dtype)
     b, s = batch.input_ids.shape
     anchors, anchor_valid = sample_anchors(batch.loss_mask, num_anchors, generator)
     blocks: Blocks = build_blocks(

@@ -27,7 +27,9 @@ from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
 from dflare_sgl.engine import SamplingParams, SpeculativeDecoder
 from dflare_sgl.target import load_target
 from dflare_sgl.training import checkpoint, data
+from dflare_sgl.training.context_cache import TargetContextCache
 from dflare_sgl.training.distributed import Dist, init_distributed, shard_model, shutdown
+from dflare_sgl.training.initialize import init_from_target
 from dflare_sgl.training.loader import DataOrder, collate
 from dflare_sgl.training.losses import AlignmentLoss, GammaSchedule, default_gamma
 from dflare_sgl.training.objective import BlockStats, draft_block_stats
@@ -64,6 +66,8 @@ class TrainConfig:
     eval_prompts: int = 4
     eval_max_new_tokens: int = 48
     stop_after_steps: int | None = None
+    cache_target_hidden: bool = False
+    init_from_target: bool = False
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -214,6 +218,8 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: {out} has no checkpoints/step-* folder to resume from")
     draft = DFlareDraftModel(config, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.init_from_target:  # a resumed run overwrites these with its checkpoint
+        init_from_target(draft, target)
     model = shard_model(draft.to(d.device), d)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
@@ -236,12 +242,14 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_args.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    cache = TargetContextCache(config.target_layer_ids, dtype) if cfg.cache_target_hidden else None
     log = _MetricsLog(out, d.is_main, step)
     bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not d.is_main)
     model.train()
     while step < end:
         t0 = time.perf_counter()
-        batch = collate([sequences[i] for i in order.indices(step)], cfg.max_seq_len).to(d.device)
+        indices = order.indices(step)
+        batch = collate([sequences[i] for i in indices], cfg.max_seq_len).to(d.device)
         # Anchors depend only on (seed, step, rank): a resumed run draws the same ones.
         anchor_rng = torch.Generator().manual_seed((cfg.seed << 40) ^ (step << 12) ^ d.rank)
         stats: BlockStats = draft_block_stats(
@@ -254,6 +262,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
             config.target_layer_ids,
             anchor_rng,
             dtype,
+            context=None if cache is None else cache.context(target, batch, indices),
         )
         g = gamma.at(step, total)
         terms = loss_fn(stats.ce, stats.correct, stats.valid, g)
