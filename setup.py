@@ -102,14 +102,19 @@ setup(
         # its llama-cpp dependency is not needed), transformers reads it through gguf.
         "smollm2": ["gguf", "accelerate"],
         "test": ["pytest", "scipy", "gguf", "accelerate"],
+        "bench": ["matplotlib"],  # benchmarks/bench_accuracy.py plots
     },
     entry_points={
         "console_scripts": ["dflare=dflare_sgl.cli:main"],
         # SGLang's load_plugins() calls this in every process: --speculative-algorithm DFLARE.
         "sglang.srt.plugins": ["dflare=dflare_sgl.sglang_plugin:register"],
     },
-    # The CPU-only `sgl_kernel` stand-in is a plain folder put on PYTHONPATH, not a package.
-    package_data={"dflare_sgl.sglang_plugin": ["cpu_standin/sgl_kernel/*.py"]},
+    package_data={
+        # The bundled drafts (config.json, model.safetensors, train_args.json): see bundled.py.
+        "dflare_sgl": ["draft_weights/*/*"],
+        # The CPU-only `sgl_kernel` stand-in is a plain folder put on PYTHONPATH, not a package.
+        "dflare_sgl.sglang_plugin": ["cpu_standin/sgl_kernel/*.py"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

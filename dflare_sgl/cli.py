@@ -22,6 +22,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from dflare_sgl.bundled import default_draft
 from dflare_sgl.draft_model import FUSION_ARCHITECTURE, DFlareDraftModel, DraftConfig
 from dflare_sgl.engine import GenerationResult, SamplingParams, SpeculativeDecoder
 from dflare_sgl.prompts import PROMPT_SETS, load_prompts
@@ -93,10 +94,7 @@ def _stats(results: list[GenerationResult]) -> str:
     accepted = sum(r.num_accepted for r in results)
     rate = accepted / drafted if drafted else 0.0
     tau = sum(sum(r.accept_lengths) for r in results) / max(steps, 1)
-    return (
-        f"tau {tau:.2f} over {steps} steps | drafted {drafted}, accepted {accepted} "
-        f"({rate:.1%})"
-    )
+    return f"tau {tau:.2f} over {steps} steps | drafted {drafted}, accepted {accepted} ({rate:.1%})"
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -105,12 +103,14 @@ def _generate(args: argparse.Namespace) -> None:
     dtype, device = DTYPES[args.dtype], _device(args.device)
     texts = args.prompt or load_prompts(args.prompts, limit=args.limit)
     target, tokenizer = load_target(args.target, dtype=dtype, device=device)
-    if args.draft:
-        draft = DFlareDraftModel.from_pretrained(args.draft, dtype=dtype, device=device)
+    draft_path = args.draft or default_draft(args.target)
+    if draft_path:
+        draft = DFlareDraftModel.from_pretrained(draft_path, dtype=dtype, device=device)
     else:
         print(
-            "dflare: warning: no --draft given: using an untrained (random) draft, so tau stays "
-            "~1 until a trained draft is passed (the output is the target's either way)",
+            "dflare: warning: no --draft given and no draft ships for this target: using an "
+            "untrained (random) draft, so tau stays ~1 until a trained draft is passed (the "
+            "output is the target's either way)",
             file=sys.stderr,
         )
         config = DraftConfig.for_target(
@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--draft",
         metavar="PATH",
-        help="DFlare or DFlash draft checkpoint folder (default: an untrained draft)",
+        help="DFlare or DFlash draft checkpoint folder (default: the bundled draft for a "
+        "built-in target, else an untrained draft)",
     )
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="prompt (repeatable)")
@@ -319,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dflare_sgl.sglang_plugin.serve import add_parser as add_serve
 
     add_serve(commands)  # serve
+    from dflare_sgl.demo import add_parser as add_demo
+
+    add_demo(commands)  # demo
     return parser
 
 

@@ -103,11 +103,14 @@ def test_generate_with_draft_equals_target_greedy(drafts, smollm2_target):
     assert lines[3].startswith("=== all 1 request(s): 5 tokens in ")
 
 
-def test_generate_prompt_set_batched_with_untrained_draft():
+def test_generate_prompt_set_batched_with_untrained_draft(smollm2_dir):
+    # A target given as a folder has no bundled draft (only built-in aliases do).
     args = "--prompts mtbench --limit 2 --max-new-tokens 2 --block-size 4 --temperature 0.8"
-    run = dflare("generate", *args.split(), "--top-k", "50", "--top-p", "0.9")
+    target = ["--target", str(smollm2_dir)]
+    run = dflare("generate", *target, *args.split(), "--top-k", "50", "--top-p", "0.9")
     assert run.returncode == 0, run.stderr
-    assert "dflare: warning: no --draft given: using an untrained (random) draft" in run.stderr
+    warning = "dflare: warning: no --draft given and no draft ships for this target: using an "
+    assert warning + "untrained (random) draft" in run.stderr
     assert "Traceback" not in run.stderr
     headers = [line for line in run.stdout.splitlines() if line.startswith("=== request")]
     assert headers == ["=== request 1/2 ===", "=== request 2/2 ==="]

