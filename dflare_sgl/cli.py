@@ -24,7 +24,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dflare_sgl.bundled import default_draft
 from dflare_sgl.draft_model import FUSION_ARCHITECTURE, DFlareDraftModel, DraftConfig
-from dflare_sgl.engine import GenerationResult, SamplingParams, SpeculativeDecoder
+from dflare_sgl.engine import GenerationResult, SamplingParams, SpeculativeDecoder, pooled_tau
 from dflare_sgl.prompts import PROMPT_SETS, load_prompts
 from dflare_sgl.target import TARGET_ALIASES, load_target, resolve_target
 
@@ -93,8 +93,7 @@ def _stats(results: list[GenerationResult]) -> str:
     drafted = sum(r.num_drafted for r in results)
     accepted = sum(r.num_accepted for r in results)
     rate = accepted / drafted if drafted else 0.0
-    tau = sum(sum(r.accept_lengths) for r in results) / max(steps, 1)
-    return f"tau {tau:.2f} over {steps} steps | drafted {drafted}, accepted {accepted} ({rate:.1%})"
+    return f"tau {pooled_tau(results):.2f} over {steps} steps | drafted {drafted}, accepted {accepted} ({rate:.1%})"
 
 
 def _generate(args: argparse.Namespace) -> None:

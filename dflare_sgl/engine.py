@@ -78,6 +78,12 @@ class GenerationResult:
         return len(self.tokens) / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
 
+def pooled_tau(results: Sequence[GenerationResult]) -> float:
+    """Tau over all the decode steps of several requests (each step weighs the same)."""
+    steps = sum(len(r.accept_lengths) for r in results)
+    return sum(sum(r.accept_lengths) for r in results) / max(steps, 1)
+
+
 def _drop_cache_tail(cache: DynamicCache, length: int) -> None:
     # A negative crop removes that many columns from the end in every transformers version
     # (a positive one means "keep this many" in 4.x and is rejected in 5.x).

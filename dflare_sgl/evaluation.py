@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from dflare_sgl.engine import GenerationResult, SamplingParams, SpeculativeDecoder
+from dflare_sgl.engine import GenerationResult, SamplingParams, SpeculativeDecoder, pooled_tau
 
 
 @dataclass
@@ -147,5 +147,4 @@ def acceptance(results: Sequence[GenerationResult], block_size: int) -> Acceptan
         histogram[min(n, block_size) - 1] += 1
     steps = len(lengths)
     rates = [sum(histogram[k + 1 :]) / steps if steps else 0.0 for k in range(block_size - 1)]
-    tau = sum(lengths) / steps if steps else 0.0
-    return Acceptance(tau, steps, histogram, rates)
+    return Acceptance(pooled_tau(results), steps, histogram, rates)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
-from dflare_sgl.engine import SamplingParams, SpeculativeDecoder
+from dflare_sgl.engine import SamplingParams, SpeculativeDecoder, pooled_tau
 from dflare_sgl.target import load_target
 from dflare_sgl.training import checkpoint, data
 from dflare_sgl.training.context_cache import TargetContextCache
@@ -107,8 +107,7 @@ def held_out_tau(
     results = SpeculativeDecoder(target, draft).generate(
         prompts, SamplingParams(max_new_tokens=max_new)
     )
-    steps = sum(len(r.accept_lengths) for r in results)
-    return sum(sum(r.accept_lengths) for r in results) / max(steps, 1)
+    return pooled_tau(results)
 
 
 def _mean_over_ranks(values: torch.Tensor, d: Dist) -> torch.Tensor:
