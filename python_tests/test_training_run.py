@@ -22,8 +22,9 @@ from dflare_sgl.engine import SamplingParams, SpeculativeDecoder
 from dflare_sgl.target import load_target
 from dflare_sgl.training.context_cache import TargetContextCache
 from dflare_sgl.training.data import load_sequences, training_prompts
+from dflare_sgl.training.data import read_metadata as data_metadata
 from dflare_sgl.training.generate import GenDataConfig, generate_data
-from dflare_sgl.training.initialize import init_from_target
+from dflare_sgl.training.initialize import init_from_draft, init_from_target
 from dflare_sgl.training.loader import collate
 from dflare_sgl.training.objective import target_context
 from dflare_sgl.training.trainer import TrainConfig, held_out_tau, train
@@ -130,8 +131,31 @@ def test_gen_data_shards_and_resume(tmp_path, tiny_target, tiny_data):
 
 
 def test_training_prompts_are_deduplicated():
-    texts = [" ".join(t.split()).lower() for _, t in training_prompts(limit=2000)]
+    texts = [" ".join(p.text.split()).lower() for p in training_prompts(limit=2000)]
     assert len(texts) == len(set(texts)) == 2000
+
+
+def test_gen_data_keeps_sharegpt_replies(tmp_path, tiny_target):
+    """--responses sharegpt: each response is ShareGPT's own reply, tokenised, cut at
+    max_new_tokens or ended by the stop token; no generation."""
+    out = generate_data(_gen_config(tiny_target, tmp_path, responses="sharegpt", limit=8))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_target)
+    replies = {p.id: p.reply for p in training_prompts(limit=40)}
+    rows = [
+        json.loads(line) for shard in sorted(out.glob("shard-*.jsonl")) for line in shard.open()
+    ]
+    assert len(rows) == 8
+    cut = 0
+    for row in rows:
+        response = [t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if m]
+        expected = tokenizer.encode(replies[row["id"]].strip(), add_special_tokens=False)
+        if len(expected) >= 24:
+            assert response == expected[:24]
+            cut += 1
+        else:
+            assert response == expected + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert 0 < cut < 8  # both cases were exercised
+    assert data_metadata(out)["settings"]["responses"] == "sharegpt"
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["recompute", "cache_target_hidden"])
@@ -182,6 +206,31 @@ def test_cached_context_matches_batched(tiny_target, tiny_data):
     assert not cached[~real].any()
     assert sorted(cache.store) == [0, 1, 2]
     assert torch.equal(cache.context(target, batch, [0, 1, 2]), cached)  # read back
+
+
+def test_init_draft_starts_from_saved_weights(tmp_path, tiny_target, tiny_data):
+    """--init-draft loads a saved draft of the same shape (at lr 0 training leaves it as it
+    was) and refuses one of another shape, naming the flag."""
+    target, _ = load_target(tiny_target, dtype=torch.float32)
+    config = DraftConfig.for_target(target.config, num_draft_layers=1, block_size=4)
+    saved = DFlareDraftModel(config, generator=torch.Generator().manual_seed(7))
+    saved.save_pretrained(tmp_path / "saved")
+    out = train(
+        _train_config(
+            tiny_target,
+            tiny_data,
+            tmp_path / "run",
+            init_draft=str(tmp_path / "saved"),
+            steps=2,
+            lr=0.0,
+            weight_decay=0.0,
+        )
+    )
+    trained = DFlareDraftModel.from_pretrained(out, dtype=torch.float32)
+    for name, p in saved.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], p), name
+    with pytest.raises(ValueError, match="set --layers to match"):
+        init_from_draft(DFlareDraftModel(replace(config, num_hidden_layers=2)), tmp_path / "saved")
 
 
 @pytest.mark.parametrize("fusion", ["layerwise", "shared"])

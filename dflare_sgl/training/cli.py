@@ -57,6 +57,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_target_argument(gen)
     gen.add_argument("--prompts", default="sharegpt", choices=["sharegpt"])
+    gen.add_argument(
+        "--responses",
+        choices=["target", "sharegpt"],
+        default="target",
+        help="target: the target's own responses (default); sharegpt: the dataset's replies, "
+        "no generation (pretraining data for a later fine-tune on regenerated data)",
+    )
     gen.add_argument("--limit", type=_positive, metavar="N", help="number of prompts (default all)")
     gen.add_argument("--max-new-tokens", type=_positive, default=256, metavar="M")
     gen.add_argument("--max-prompt-tokens", type=_positive, default=512, help="skip longer prompts")
@@ -100,10 +107,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="target layers the draft reads (default: D)",
     )
     tr.add_argument("--block-size", type=_positive, default=16)
-    tr.add_argument(
+    init = tr.add_mutually_exclusive_group()
+    init.add_argument(
         "--init-from-target",
         action="store_true",
         help="start draft layer i as a copy of target layer L-D+i (and the target's final norm)",
+    )
+    init.add_argument(
+        "--init-draft",
+        metavar="DIR",
+        help="start from a saved draft's weights (same shape), e.g. one pretrained on "
+        "`gen-data --responses sharegpt` data; optimizer and schedule start afresh",
     )
     length = tr.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive, metavar="N")

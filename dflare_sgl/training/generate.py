@@ -1,11 +1,13 @@
 """``dflare gen-data``: regenerate responses to training prompts with the target.
 
 The draft must imitate the target, not ShareGPT's authors, so every response is sampled from
-the target itself (batched HF ``generate`` with left padding). Prompts are cut into shards of
-``shard_size``; shard i is written only when complete (see :func:`data.write_shard`), so a
-re-run skips finished shards and an interrupt loses at most the shard in progress. Shard i
-samples with seed ``seed + i``: repeating the command after an interrupt writes what an
-uninterrupted run would have.
+the target itself (batched HF ``generate`` with left padding). ``--responses sharegpt`` keeps
+ShareGPT's own first replies instead: no generation at all, so many times more sequences per
+hour, for pretraining a draft that is then fine-tuned on regenerated data (``train
+--init-draft``). Prompts are cut into shards of ``shard_size``; shard i is written only when
+complete (see :func:`data.write_shard`), so a re-run skips finished shards and an interrupt
+loses at most the shard in progress. Shard i samples with seed ``seed + i``: repeating the
+command after an interrupt writes what an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class GenDataConfig:
     target: str
     out: str
     prompts: str = "sharegpt"
+    responses: str = "target"  # target: regenerate; sharegpt: the dataset's own replies
     limit: int | None = None
     max_new_tokens: int = 256
     max_prompt_tokens: int = 512
@@ -42,6 +45,7 @@ def _settings(cfg: GenDataConfig) -> dict:
     """What makes two runs produce the same data (a resumed run must match these)."""
     keep = (
         "prompts",
+        "responses",
         "limit",
         "max_new_tokens",
         "max_prompt_tokens",
@@ -79,6 +83,18 @@ def _respond(
     return responses
 
 
+def _dataset_replies(tokenizer, replies: list[str], cfg: GenDataConfig, stops) -> list[list[int]]:
+    """ShareGPT's replies as response token ids: cut at ``max_new_tokens``, else ended by the
+    stop token, as a generated response would be."""
+    out = []
+    for reply in replies:
+        ids = tokenizer.encode(reply.strip(), add_special_tokens=False)
+        out.append(
+            ids[: cfg.max_new_tokens] if len(ids) >= cfg.max_new_tokens else ids + [stops[0]]
+        )
+    return out
+
+
 def generate_data(cfg: GenDataConfig) -> Path:
     """Write (or finish) the data folder ``cfg.out``; returns it."""
     if cfg.prompts != "sharegpt":
@@ -86,6 +102,8 @@ def generate_data(cfg: GenDataConfig) -> Path:
             f"--prompts {cfg.prompts!r}: training prompts come from 'sharegpt' (the evaluation "
             "sets are held out on purpose)"
         )
+    if cfg.responses not in ("target", "sharegpt"):
+        raise ValueError(f"--responses {cfg.responses!r}: choose 'target' or 'sharegpt'")
     out = Path(cfg.out)
     model, tokenizer = load_target(cfg.target, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     identity = data.target_identity(model.config, tokenizer)
@@ -97,6 +115,8 @@ def generate_data(cfg: GenDataConfig) -> Path:
     }
     if (out / data.METADATA).is_file():
         old = data.read_metadata(out)
+        # Folders made before --responses existed hold regenerated responses.
+        old["settings"] = {"responses": "target", **old.get("settings", {})}
         if {k: old.get(k) for k in ("target_identity", "settings")} != {
             k: meta[k] for k in ("target_identity", "settings")
         }:
@@ -105,11 +125,13 @@ def generate_data(cfg: GenDataConfig) -> Path:
                 "choose a new --out folder, or repeat the original command to resume"
             )
     out.mkdir(parents=True, exist_ok=True)
-    kept = []  # (conversation id, prompt token ids), tokenised only as far as needed
-    for conv_id, text in data.training_prompts():
-        ids = _encode_prompts(tokenizer, [text], chat=True)[0]
+    kept = []  # (conversation id, prompt token ids, reply), tokenised only as far as needed
+    for prompt in data.training_prompts():
+        if cfg.responses == "sharegpt" and not prompt.reply.strip():
+            continue
+        ids = _encode_prompts(tokenizer, [prompt.text], chat=True)[0]
         if len(ids) <= cfg.max_prompt_tokens:
-            kept.append((conv_id, ids))
+            kept.append((prompt.id, ids, prompt.reply))
         if cfg.limit is not None and len(kept) == cfg.limit:
             break
     meta["num_prompts"] = len(kept)
@@ -127,9 +149,12 @@ def generate_data(cfg: GenDataConfig) -> Path:
         records = []
         for b in range(0, len(shard), cfg.batch_size):
             batch = shard[b : b + cfg.batch_size]
-            with torch.inference_mode():
-                responses = _respond(model, tokenizer, [ids for _, ids in batch], cfg, stops)
-            for (conv_id, prompt), response in zip(batch, responses, strict=True):
+            if cfg.responses == "sharegpt":
+                responses = _dataset_replies(tokenizer, [reply for *_, reply in batch], cfg, stops)
+            else:
+                with torch.inference_mode():
+                    responses = _respond(model, tokenizer, [ids for _, ids, _ in batch], cfg, stops)
+            for (conv_id, prompt, _), response in zip(batch, responses, strict=True):
                 records.append(
                     {
                         "id": conv_id,

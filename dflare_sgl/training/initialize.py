@@ -1,4 +1,9 @@
-"""``dflare train --init-from-target``: start the draft from the target's own upper layers.
+"""Where a training run starts, other than a fresh random draft.
+
+``--init-draft DIR``: from a trained draft's weights (e.g. pretrained on ShareGPT's own replies,
+then fine-tuned on regenerated data). The optimizer, schedule and step count start afresh.
+
+``--init-from-target``: from the target's own upper layers.
 
 The draft's decoder layers have the target's width, heads and MLP size (DraftConfig.for_target),
 so draft layer i can start as a copy of target layer ``L - D + i``: attention and MLP weights,
@@ -11,10 +16,42 @@ counterpart and stay at ones. A starting point to test, not a function-preservin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import PreTrainedModel
 
 from dflare_sgl.draft_model import DFlareDraftModel
+
+# What a run's flags decide about a draft's shape (flag name for the error message).
+_ARCHITECTURE = {
+    "fusion": "--fusion",
+    "num_hidden_layers": "--layers",
+    "target_layer_ids": "--captured-layers",
+    "block_size": "--block-size",
+    "hidden_size": "--target",
+    "vocab_size": "--target",
+    "mask_token_id": "--target",
+}
+
+
+@torch.no_grad()
+def init_from_draft(draft: DFlareDraftModel, path: str | Path) -> None:
+    """Copy a saved draft's weights into ``draft``; its shape must be the one the run's flags
+    ask for (ValueError naming the flags to change otherwise)."""
+    saved = DFlareDraftModel.from_pretrained(path, dtype=torch.float32)
+    diff = {
+        flag: f"{name} {getattr(saved.config, name)!r} vs {getattr(draft.config, name)!r}"
+        for name, flag in _ARCHITECTURE.items()
+        if getattr(saved.config, name) != getattr(draft.config, name)
+    }
+    if diff:
+        raise ValueError(
+            f"--init-draft {path}: the saved draft does not have this run's shape "
+            f"({'; '.join(diff.values())}): set {', '.join(sorted(diff))} to match it"
+        )
+    draft.load_state_dict(saved.state_dict())
+
 
 _COPIED = (
     "self_attn.q_proj",

@@ -29,7 +29,7 @@ from dflare_sgl.target import load_target
 from dflare_sgl.training import checkpoint, data
 from dflare_sgl.training.context_cache import TargetContextCache
 from dflare_sgl.training.distributed import Dist, init_distributed, shard_model, shutdown
-from dflare_sgl.training.initialize import init_from_target
+from dflare_sgl.training.initialize import init_from_draft, init_from_target
 from dflare_sgl.training.loader import DataOrder, collate
 from dflare_sgl.training.losses import AlignmentLoss, GammaSchedule, default_gamma
 from dflare_sgl.training.objective import BlockStats, draft_block_stats
@@ -68,6 +68,7 @@ class TrainConfig:
     stop_after_steps: int | None = None
     cache_target_hidden: bool = False
     init_from_target: bool = False
+    init_draft: str | None = None  # a saved draft folder to start from
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -104,7 +105,8 @@ def held_out_tau(
     draft.load_state_dict(state, assign=True)
     target_weight = next(target.parameters())
     draft = draft.to(target_weight.device, target_weight.dtype)
-    results = SpeculativeDecoder(target, draft).generate(
+    # At the training block size: the draft's quality, not the CPU engine's default block.
+    results = SpeculativeDecoder(target, draft, block_size=config.block_size).generate(
         prompts, SamplingParams(max_new_tokens=max_new)
     )
     return pooled_tau(results)
@@ -217,7 +219,10 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: {out} has no checkpoints/step-* folder to resume from")
     draft = DFlareDraftModel(config, generator=torch.Generator().manual_seed(cfg.seed))
-    if cfg.init_from_target:  # a resumed run overwrites these with its checkpoint
+    # A resumed run overwrites these with its checkpoint.
+    if cfg.init_draft is not None:
+        init_from_draft(draft, cfg.init_draft)
+    elif cfg.init_from_target:
         init_from_target(draft, target)
     model = shard_model(draft.to(d.device), d)
     optimizer = torch.optim.AdamW(
