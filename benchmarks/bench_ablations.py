@@ -103,7 +103,7 @@ def main() -> None:
     taus: dict[str, dict[str, float]] = {}
     for name, folder in folders.items():
         draft = DFlareDraftModel.from_pretrained(folder, dtype=torch.float32)
-        decoder = SpeculativeDecoder(target, draft)
+        decoder = SpeculativeDecoder(target, draft, block_size=draft.block_size)
         taus[name] = {}
         for s in SETS:
             run = evaluation.speculative(

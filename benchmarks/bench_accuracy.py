@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--block-size", type=int, help="tokens verified per step (default: the engine's)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -137,7 +140,7 @@ def main() -> None:
     target, tok = load_target(args.target, dtype=dtype, device=args.device)
     draft_path = args.draft or bundled_draft(args.target)
     draft = DFlareDraftModel.from_pretrained(draft_path, dtype=dtype, device=args.device)
-    decoder = SpeculativeDecoder(target, draft)
+    decoder = SpeculativeDecoder(target, draft, block_size=args.block_size)
     B = decoder.block_size
     stops = _stop_token_ids(target, tok)
     new = args.max_new_tokens

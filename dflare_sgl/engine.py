@@ -22,6 +22,7 @@ first ``seq_len`` slots, so rejected positions are simply overwritten by the nex
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,22 @@ def _drop_cache_tail(cache: DynamicCache, length: int) -> None:
         cache.crop(-removed)
 
 
+# On CPU a verify pass costs more the more tokens it checks (fp32 GEMMs of a few rows are
+# compute-bound there; SmolLM2-135M on 2 cores: 4 tokens ~1.5x a 1-token decode, 8 ~1.8x,
+# 16 ~2.3x, benchmarks/RESULTS.md), while on a GPU the cost stays flat well past 16 tokens.
+# With today's drafts (acceptance beyond the third drafted token is rare) 4 is the fastest
+# block on CPU, so CPU decoding drafts at most this many tokens per step unless told otherwise.
+CPU_MAX_BLOCK_SIZE = 4
+
+
+def default_block_size(draft_block_size: int, device: torch.device) -> int:
+    """Tokens verified per step when the caller does not choose: the draft's training block,
+    capped at :data:`CPU_MAX_BLOCK_SIZE` on CPU."""
+    if device.type == "cpu":
+        return min(draft_block_size, CPU_MAX_BLOCK_SIZE)
+    return draft_block_size
+
+
 class SpeculativeDecoder:
     """Batched DFlare / DFlash speculative decoding of an HF causal LM target.
 
@@ -99,7 +116,8 @@ class SpeculativeDecoder:
       target: HF causal LM (Llama, Qwen3, ...) whose forward returns ``hidden_states``; its
         input embedding and output head are the draft's too.
       draft: a draft model for this target (checked with ``draft.check_compatible``).
-      block_size: tokens verified per step (x_last + B-1 drafts); defaults to the draft's.
+      block_size: tokens verified per step (x_last + B-1 drafts); default
+        :func:`default_block_size` (the draft's, at most 4 on CPU).
       draft_head_dtype: dtype of the draft's token head (the target's ``lm_head`` weights,
         copied once). Draft tokens only decide what gets accepted, never what is committed,
         so a lower precision cannot change the output. Default: bfloat16 for a float32 target
@@ -122,14 +140,18 @@ class SpeculativeDecoder:
         draft.check_compatible(target.config)
         self.target = target.eval()
         self.draft = draft.eval()
-        self.block_size = int(block_size or draft.block_size)
+        self.device = next(target.parameters()).device
+        self.block_size = int(block_size or default_block_size(draft.block_size, self.device))
         if self.block_size < 2:
             raise ValueError(f"block_size must be >= 2 (one token plus drafts), got {block_size}")
-        self.device = next(target.parameters()).device
         self.draft_dtype = next(draft.parameters()).dtype
         with torch.no_grad():  # stacked once; the op takes plain tensors, not parameters
             self.mix_weights = draft.layer_mix_weights()
         self.embed = target.get_input_embeddings()
+        # transformers >= 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old
+        # name still works there, with a deprecation warning on every call site).
+        forward_args = inspect.signature(target.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         head = target.get_output_embeddings().weight
         if draft_head_dtype is None:
             cpu_fp32 = self.device.type == "cpu" and head.dtype == torch.float32
@@ -278,8 +300,8 @@ class SpeculativeDecoder:
             input_ids=input_ids,
             attention_mask=valid.long(),
             position_ids=positions,
-            past_key_values=self.target_cache,
             use_cache=True,
+            **{self._cache_arg: self.target_cache},
             output_hidden_states=True,
         )
 

@@ -15,7 +15,12 @@ from scipy.stats import chisquare
 from transformers import DynamicCache
 
 from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
-from dflare_sgl.engine import SamplingParams, SpeculativeDecoder
+from dflare_sgl.engine import (
+    CPU_MAX_BLOCK_SIZE,
+    SamplingParams,
+    SpeculativeDecoder,
+    default_block_size,
+)
 from dflare_sgl.prompts import load_prompts
 from dflare_sgl.verify import sample_rows
 
@@ -231,3 +236,13 @@ def test_errors(target, prompts):
         decoder.generate([[]], SamplingParams(4))
     with pytest.raises(ValueError, match="block_size"):
         SpeculativeDecoder(model, _draft(model, "layerwise", 1), block_size=1)
+
+
+def test_default_block_size_is_capped_on_cpu(target):
+    """Unless told otherwise, the engine verifies the draft's block on a GPU and at most
+    CPU_MAX_BLOCK_SIZE tokens on CPU (where a wider verify pass costs more)."""
+    model, _ = target
+    assert SpeculativeDecoder(model, _draft(model, "layerwise", 1)).block_size == CPU_MAX_BLOCK_SIZE
+    assert SpeculativeDecoder(model, _draft(model, "layerwise", 1, block_size=3)).block_size == 3
+    assert default_block_size(16, torch.device("cuda")) == 16
+    assert default_block_size(16, torch.device("cpu")) == CPU_MAX_BLOCK_SIZE
