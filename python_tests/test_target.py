@@ -84,6 +84,13 @@ def test_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_explicit_gguf_must_be_the_smollm2_file(tmp_path):
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    for gguf in (tmp_path / "other.gguf", tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"):
+        with pytest.raises(FileNotFoundError, match="is not a file named"):
+            ensure_smollm2(tmp_path / "cache", gguf=gguf)
+
+
 def test_prompt_sets():
     humaneval, mtbench = load_prompts("humaneval"), load_prompts("mtbench")
     assert len(humaneval) == 164 and len(mtbench) == 80

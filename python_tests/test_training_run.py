@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from dflare_sgl.cli import main
 from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
 from dflare_sgl.engine import SamplingParams, SpeculativeDecoder
+from dflare_sgl.prompts import load_prompts
 from dflare_sgl.target import load_target
 from dflare_sgl.training.context_cache import TargetContextCache
 from dflare_sgl.training.data import load_sequences, training_prompts
@@ -156,6 +157,30 @@ def test_gen_data_keeps_sharegpt_replies(tmp_path, tiny_target):
             assert response == expected + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     assert 0 < cut < 8  # both cases were exercised
     assert data_metadata(out)["settings"]["responses"] == "sharegpt"
+
+
+def test_gen_data_from_a_prompts_file(tmp_path, tiny_target):
+    """--prompts FILE: a JSONL file's prompts, deduplicated and without evaluation prompts,
+    like ShareGPT's; a malformed line is refused with its line number."""
+    mtbench = load_prompts("mtbench", limit=1)[0]
+    rows = [
+        {"id": "a", "text": "Name three rivers.", "reply": "Nile, Amazon, Danube."},
+        {"text": "name  three RIVERS.", "reply": "A duplicate."},
+        {"id": "c", "text": mtbench, "reply": "An evaluation prompt."},
+        {"id": "d", "text": "Count to three.", "reply": "1, 2, 3."},
+    ]
+    file = tmp_path / "prompts.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p.id for p in training_prompts(source=str(file))] == ["a", "d"]
+    out = generate_data(
+        _gen_config(tiny_target, tmp_path / "data", prompts=str(file), responses="sharegpt")
+    )
+    assert [json.loads(line)["id"] for line in (out / "shard-00000.jsonl").open()] == ["a", "d"]
+    file.write_text('{"id": "x"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1 is not a JSON object with a \"text\""):
+        training_prompts(source=str(file))
+    with pytest.raises(ValueError, match="held out on purpose"):
+        generate_data(_gen_config(tiny_target, tmp_path / "x", prompts="mtbench"))
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["recompute", "cache_target_hidden"])

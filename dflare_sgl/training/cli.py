@@ -56,7 +56,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "Re-running the same command resumes after the last complete shard.",
     )
     add_target_argument(gen)
-    gen.add_argument("--prompts", default="sharegpt", choices=["sharegpt"])
+    gen.add_argument(
+        "--prompts",
+        default="sharegpt",
+        metavar="SOURCE",
+        help='sharegpt (default), or a JSONL file of {"text", "id", "reply"} rows',
+    )
     gen.add_argument(
         "--responses",
         choices=["target", "sharegpt"],

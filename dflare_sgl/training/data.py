@@ -68,6 +68,29 @@ def sharegpt_first_turns() -> Iterator[TrainingPrompt]:
             yield TrainingPrompt(record.get("id", ""), turns[0]["value"], reply)
 
 
+def jsonl_prompts(path: str | Path) -> Iterator[TrainingPrompt]:
+    """Prompts from a JSONL file, one ``{"text": ..., "id": ..., "reply": ...}`` object per line
+    (``id`` defaults to the line number, ``reply`` to ""); e.g. ShareGPT's, written out for a
+    machine without the package (``scripts/gpu_session.sh``), or your own."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompts file {path} does not exist: pass --prompts sharegpt or a file")
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text = row["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(
+                    f'{path}:{number} is not a JSON object with a "text" field; each line of '
+                    'a prompts file is {"text": "...", "id": "...", "reply": "..."} (id and '
+                    "reply optional)"
+                ) from None
+            yield TrainingPrompt(str(row.get("id", number)), text, row.get("reply") or "")
+
+
 def _normalise(text: str) -> str:
     return " ".join(text.split()).lower()
 
@@ -84,16 +107,20 @@ def evaluation_texts() -> list[str]:
     return texts
 
 
-def training_prompts(limit: int | None = None, min_overlap_chars: int = 32) -> list[TrainingPrompt]:
-    """Up to ``limit`` ShareGPT first turns: deduplicated (whitespace and case
-    folded) and without any prompt that equals or contains an evaluation prompt of at least
-    ``min_overlap_chars`` characters."""
+def training_prompts(
+    limit: int | None = None, min_overlap_chars: int = 32, source: str = "sharegpt"
+) -> list[TrainingPrompt]:
+    """Up to ``limit`` prompts of ``source`` ("sharegpt": ShareGPT first turns, else a JSONL
+    file, see :func:`jsonl_prompts`): deduplicated (whitespace and case folded) and without any
+    prompt that equals or contains an evaluation prompt of at least ``min_overlap_chars``
+    characters."""
     evaluation = evaluation_texts()
     exact = set(evaluation)
     long_ones = [t for t in evaluation if len(t) >= min_overlap_chars]
     seen: set[str] = set()
     out = []
-    for prompt in sharegpt_first_turns():
+    prompts = sharegpt_first_turns() if source == "sharegpt" else jsonl_prompts(source)
+    for prompt in prompts:
         key = _normalise(prompt.text)
         if key in seen or key in exact or any(e in key for e in long_ones):
             continue

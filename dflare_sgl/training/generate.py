@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dflare_sgl.cli import _encode_prompts, _stop_token_ids
+from dflare_sgl.prompts import PROMPT_SETS
 from dflare_sgl.target import load_target
 from dflare_sgl.training import data
 
@@ -97,10 +98,10 @@ def _dataset_replies(tokenizer, replies: list[str], cfg: GenDataConfig, stops) -
 
 def generate_data(cfg: GenDataConfig) -> Path:
     """Write (or finish) the data folder ``cfg.out``; returns it."""
-    if cfg.prompts != "sharegpt":
+    if cfg.prompts in PROMPT_SETS:
         raise ValueError(
-            f"--prompts {cfg.prompts!r}: training prompts come from 'sharegpt' (the evaluation "
-            "sets are held out on purpose)"
+            f"--prompts {cfg.prompts!r}: training prompts come from 'sharegpt' or a JSONL file "
+            "(the evaluation sets are held out on purpose)"
         )
     if cfg.responses not in ("target", "sharegpt"):
         raise ValueError(f"--responses {cfg.responses!r}: choose 'target' or 'sharegpt'")
@@ -126,7 +127,7 @@ def generate_data(cfg: GenDataConfig) -> Path:
             )
     out.mkdir(parents=True, exist_ok=True)
     kept = []  # (conversation id, prompt token ids, reply), tokenised only as far as needed
-    for prompt in data.training_prompts():
+    for prompt in data.training_prompts(source=cfg.prompts):
         if cfg.responses == "sharegpt" and not prompt.reply.strip():
             continue
         ids = _encode_prompts(tokenizer, [prompt.text], chat=True)[0]
