@@ -2,8 +2,10 @@
 
 Both run side by side in one process on the same prompts, target and dtype (the runs of
 :mod:`dflare_sgl.evaluation`, as in ``dflare demo``), interleaved ``--repeats`` times; each row
-is the median. Speedup = tokens/s over the target-only tokens/s at the same batch size. The
-speculative output is checked to be token-identical to the target's greedy output.
+is the median. Speedup = tokens/s over the target-only tokens/s at the same batch size. In
+float32 the speculative output must be token-identical to the target's greedy output (the run
+fails otherwise); in bf16/fp16 a B-token verify pass and a 1-token decode round differently, so
+near-ties can flip and the table reports how many outputs are identical.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_engine.py --threads 2 --prompts mtbench --limit 8
     python benchmarks/bench_engine.py --device cuda --dtype bfloat16 --batch-size 1 4 8
@@ -68,19 +70,27 @@ def main() -> None:
         f"threads={torch.get_num_threads()} B={decoder.block_size} prompts={len(prompts)} "
         f"({args.prompts}) max_new={args.max_new_tokens} repeats={args.repeats}"
     )
-    print(f"{'bs':>3} {'target-only tok/s':>18} {'dflare tok/s':>13} {'speedup':>8} {'tau':>6}")
+    print(
+        f"{'bs':>3} {'target-only tok/s':>18} {'dflare tok/s':>13} {'speedup':>8} {'tau':>6} "
+        f"{'identical':>10}"
+    )
     for bs in args.batch_size:
         ref_tps, ours_tps = [], []
         for _ in range(args.repeats):
             ref = hf_greedy(target, prompts, args.max_new_tokens, stops, batch_size=bs)
             ours = speculative(decoder, prompts, args.max_new_tokens, stops, batch_size=bs)
-            if ours.outputs != ref.outputs:
-                raise SystemExit(f"bs={bs}: speculative output differs from the target's greedy")
+            same = sum(a == b for a, b in zip(ours.outputs, ref.outputs, strict=True))
+            if dtype == torch.float32 and same < len(prompts):
+                raise SystemExit(f"bs={bs}: float32 speculative output differs from HF greedy")
             ref_tps.append(ref.tokens_per_s)
             ours_tps.append(ours.tokens_per_s)
         base, mine = statistics.median(ref_tps), statistics.median(ours_tps)
         tau = pooled_tau(ours.results)
-        print(f"{bs:>3} {base:18.1f} {mine:13.1f} {mine / base:8.2f} {tau:6.2f}")
+        print(
+            f"{bs:>3} {base:18.1f} {mine:13.1f} {mine / base:8.2f} {tau:6.2f} "
+            f"{f'{same}/{len(prompts)}':>10}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
