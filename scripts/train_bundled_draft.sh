@@ -3,7 +3,10 @@
 #   1. dflare gen-data: the target's greedy responses to ShareGPT first user turns (the
 #      evaluation prompts are excluded), JSONL shards in $WORK/data;
 #   2. dflare train: a DFlare draft with all three alignment terms, checkpoints in $WORK/draft;
-#   3. export: the trained draft in bf16 into dflare_sgl/draft_weights/smollm2-135m-dflare/,
+#   3. unless PRETRAIN_STEPS=0: gen-data --responses sharegpt (ShareGPT's own replies to more
+#      prompts, no generation: cheap data) in $WORK/pre-data, training on it from step 2's
+#      draft into $WORK/pre, then fine-tuning that on the regenerated data into $WORK/final;
+#   4. export: the trained draft in bf16 into dflare_sgl/draft_weights/smollm2-135m-dflare/,
 #      which the package ships (dflare_sgl.bundled_draft("smollm2-135m")).
 # Re-running resumes: finished shards are kept and training continues from its newest
 # checkpoint (bit for bit), so a CPU run can span sessions. Settings are the recorded ones of
@@ -13,9 +16,11 @@
 #   DEVICE=cuda bash scripts/train_bundled_draft.sh        # on a GPU (default when one is there)
 #   INIT_FROM_TARGET=1 EXPORT_DIR=/tmp/d bash scripts/train_bundled_draft.sh runs/d  # a variant
 #
-# Wall time on 2 CPU cores, one thread: gen-data ~50 min (1536 prompts, ~115 tok/s, bf16);
-# training ~75 min (1000 steps; the first epoch ~6.5 s/step, later ones ~3.5 s/step reading the
-# cached target hidden states). Not yet measured on a GPU.
+# Wall time on 2 CPU cores, one thread per run: gen-data ~45 min (1536 prompts, ~115 tok/s,
+# bf16); step 2 ~70 min (1600 steps; the first epoch ~6.5 s/step, later ones ~2 s/step reading
+# the cached target hidden states); step 3: replies data ~1 min, pretraining ~69 min (560
+# steps, ~7 s/step), fine-tuning ~28 min (400 steps). Not yet measured on a GPU
+# (scripts/gpu_session.sh train is the GPU run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-runs/bundled}
@@ -26,6 +31,9 @@ LAYERS=${LAYERS:-2}
 STEPS=${STEPS:-1600}
 INIT_FROM_TARGET=${INIT_FROM_TARGET:-0}  # 1: start from the target's top layers (measured: no gain)
 EXPORT_DIR=${EXPORT_DIR:-dflare_sgl/draft_weights/smollm2-135m-dflare}
+PRETRAIN_PROMPTS=${PRETRAIN_PROMPTS:-6000}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-560}  # 0: ship step 2's draft
+FINETUNE_STEPS=${FINETUNE_STEPS:-400}
 [ "$DEVICE" = cpu ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 dflare() { "$PY" -m dflare_sgl.cli "$@"; }
 
@@ -33,17 +41,36 @@ dflare gen-data --target smollm2-135m --prompts sharegpt --limit "$PROMPTS" \
   --max-new-tokens 256 --max-prompt-tokens 256 --batch-size 32 --shard-size 64 \
   --temperature 0 --dtype bfloat16 --seed 0 --device "$DEVICE" --out "$WORK/data"
 
-extra=()
-if [ "$INIT_FROM_TARGET" = 1 ]; then extra+=(--init-from-target); fi
-if compgen -G "$WORK/draft/checkpoints/step-*" >/dev/null; then extra+=(--resume); fi
-dflare train --target smollm2-135m --data "$WORK/data" --out "$WORK/draft" \
-  --fusion layerwise --layers "$LAYERS" --captured-layers 4 --block-size 8 \
-  --steps "$STEPS" --batch-size 8 --anchors 16 --lr 1e-3 \
-  --focal-weight 0.3 --chain-weight 0.1 --cache-target-hidden \
-  --eval-every 200 --eval-prompts 8 --eval-max-new-tokens 64 --save-every 100 \
-  --seed 0 --device "$DEVICE" "${extra[@]}"
+# train DATA OUT STEPS LR [flags...]: resumes OUT when it has checkpoints.
+train() {
+  local data=$1 out=$2 steps=$3 lr=$4
+  shift 4
+  local extra=("$@")
+  if compgen -G "$out/checkpoints/step-*" >/dev/null; then extra+=(--resume); fi
+  dflare train --target smollm2-135m --data "$data" --out "$out" \
+    --fusion layerwise --layers "$LAYERS" --captured-layers 4 --block-size 8 \
+    --steps "$steps" --batch-size 8 --anchors 16 --lr "$lr" \
+    --focal-weight 0.3 --chain-weight 0.1 \
+    --eval-every 100 --eval-prompts 8 --eval-max-new-tokens 64 --save-every 100 \
+    --seed 0 --device "$DEVICE" "${extra[@]}"
+}
 
-"$PY" - "$WORK/draft" "$EXPORT_DIR" <<'PY'
+init=()
+if [ "$INIT_FROM_TARGET" = 1 ]; then init+=(--init-from-target); fi
+train "$WORK/data" "$WORK/draft" "$STEPS" 1e-3 --cache-target-hidden "${init[@]}"
+final=$WORK/draft
+if [ "$PRETRAIN_STEPS" != 0 ]; then
+  dflare gen-data --target smollm2-135m --prompts sharegpt --responses sharegpt \
+    --limit "$PRETRAIN_PROMPTS" --max-new-tokens 256 --max-prompt-tokens 256 --shard-size 500 \
+    --temperature 0 --dtype bfloat16 --out "$WORK/pre-data"
+  # Each sequence is seen once here: no --cache-target-hidden (it would only cost memory).
+  train "$WORK/pre-data" "$WORK/pre" "$PRETRAIN_STEPS" 1e-3 --init-draft "$WORK/draft"
+  train "$WORK/data" "$WORK/final" "$FINETUNE_STEPS" 5e-4 --cache-target-hidden \
+    --init-draft "$WORK/pre"
+  final=$WORK/final
+fi
+
+"$PY" - "$final" "$EXPORT_DIR" <<'PY'
 import shutil, sys
 from pathlib import Path
 
