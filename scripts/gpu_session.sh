@@ -25,7 +25,6 @@ GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 
 if [ "$phase" = payload ]; then
   PY=${PYTHON:-.venv/bin/python}
-  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
   rm -rf .gpu/a .gpu/b && mkdir -p .gpu/a/wheels .gpu/b
   # Packages the device image lacks (pure Python, --no-deps): GGUF reading and the prompt sets.
   "$PY" -m pip download -q --no-deps --only-binary=:all: -d .gpu/a/wheels \
