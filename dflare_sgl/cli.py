@@ -93,7 +93,10 @@ def _stats(results: list[GenerationResult]) -> str:
     drafted = sum(r.num_drafted for r in results)
     accepted = sum(r.num_accepted for r in results)
     rate = accepted / drafted if drafted else 0.0
-    return f"tau {pooled_tau(results):.2f} over {steps} steps | drafted {drafted}, accepted {accepted} ({rate:.1%})"
+    return (
+        f"tau {pooled_tau(results):.2f} over {steps} steps | drafted {drafted}, accepted "
+        f"{accepted} ({rate:.1%})"
+    )
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -27,7 +27,7 @@ from dflare_sgl.cli import (
     add_target_argument,
 )
 from dflare_sgl.draft_model import DFlareDraftModel
-from dflare_sgl.engine import SpeculativeDecoder
+from dflare_sgl.engine import SpeculativeDecoder, pooled_tau
 from dflare_sgl.prompts import load_prompts
 from dflare_sgl.target import load_target
 
@@ -36,7 +36,7 @@ DEMO_SETS = ("humaneval", "mtbench")
 
 def summary_line(target_run: evaluation.DecodeRun, spec_run: evaluation.DecodeRun) -> str:
     """The demo's last line, from a target-only run and a speculative run on the same prompts."""
-    tau = evaluation.acceptance(spec_run.results, block_size=spec_run.block_size).tau
+    tau = pooled_tau(spec_run.results)
     speedup = spec_run.tokens_per_s / target_run.tokens_per_s
     same = sum(a == b for a, b in zip(target_run.outputs, spec_run.outputs, strict=True))
     n = len(spec_run.outputs)

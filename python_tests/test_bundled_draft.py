@@ -77,7 +77,10 @@ def test_demo_prints_the_summary_line():
     run = dflare("demo", "--prompts-per-set", "1", "--max-new-tokens", "24")
     assert run.returncode == 0, run.stderr
     last = run.stdout.strip().splitlines()[-1]
-    pattern = r"tau (\d+\.\d\d) \| speedup \d+\.\d\dx over target-only greedy \| 2/2 outputs identical to target-only"
+    pattern = (
+        r"tau (\d+\.\d\d) \| speedup \d+\.\d\dx over target-only greedy \| "
+        r"2/2 outputs identical to target-only"
+    )
     match = re.fullmatch(pattern, last)
     assert match, last
     assert float(match.group(1)) > 1.0

@@ -34,8 +34,8 @@ def launch_command(args: argparse.Namespace) -> list[str]:
         draft = args.draft or default_draft(args.target)
         if draft is None:
             raise ValueError(
-                f"no --draft given and no draft ships for target {args.target!r}: pass --draft DIR (a "
-                "QwenDFlareDraftModel checkpoint, e.g. from `dflare init-draft`), or "
+                f"no --draft given and no draft ships for target {args.target!r}: pass --draft "
+                "DIR (a QwenDFlareDraftModel checkpoint, e.g. from `dflare init-draft`), or "
                 "--no-speculation to serve the target alone"
             )
         if not (Path(draft) / "config.json").is_file():
