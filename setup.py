@@ -47,9 +47,17 @@ def _extensions():
         else bool(torch.version.cuda) and cuda_home is not None
     )
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    cxx_flags = ["-O3", "-std=c++20"]
+    # -fopenmp: at::parallel_for runs the CPU kernels on torch's threads only when compiled
+    # with OpenMP (torch's own libgomp is the one loaded at run time).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if not with_cuda:
-        ext = CppExtension("dflare_sgl._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension(
+            "dflare_sgl._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
         return [ext], {"build_ext": BuildExtension}
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -70,6 +78,7 @@ def _extensions():
         sources,
         include_dirs=include_dirs,
         define_macros=[("DFLARE_WITH_CUDA", None)],
+        extra_link_args=link_flags,
         extra_compile_args={
             "cxx": cxx_flags + ["-DDFLARE_WITH_CUDA"],
             "nvcc": ["-O3", "-std=c++20", "-DDFLARE_WITH_CUDA", "--expt-relaxed-constexpr"],

@@ -27,6 +27,7 @@ from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
 from dflare_sgl.engine import SpeculativeDecoder, pooled_tau
 from dflare_sgl.evaluation import hf_greedy, speculative
 from dflare_sgl.prompts import PROMPT_SETS, load_prompts
+from dflare_sgl.skinny_linear import use_skinny_linear
 from dflare_sgl.target import load_target
 
 
@@ -47,6 +48,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument(
+        "--skinny-linear",
+        action="store_true",
+        help="run the target's and draft's linears, HF greedy included, on "
+        "torch.ops.dflare.skinny_linear (CPU): the speedup is then drafting's alone",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,6 +68,9 @@ def main() -> None:
         draft = draft.to(device=args.device, dtype=dtype)
     else:
         draft = DFlareDraftModel.from_pretrained(draft_path, dtype=dtype, device=args.device)
+    if args.skinny_linear:
+        use_skinny_linear(target)
+        use_skinny_linear(draft)
     decoder = SpeculativeDecoder(target, draft, block_size=args.block_size)
     prompts = _encode_prompts(tok, load_prompts(args.prompts, limit=args.limit), chat=True)
     stops = _stop_token_ids(target, tok)
@@ -68,7 +78,8 @@ def main() -> None:
     print(
         f"target={args.target} draft={draft_path} device={args.device} dtype={args.dtype} "
         f"threads={torch.get_num_threads()} B={decoder.block_size} prompts={len(prompts)} "
-        f"({args.prompts}) max_new={args.max_new_tokens} repeats={args.repeats}"
+        f"({args.prompts}) max_new={args.max_new_tokens} repeats={args.repeats} "
+        f"skinny_linear={args.skinny_linear}"
     )
     print(
         f"{'bs':>3} {'target-only tok/s':>18} {'dflare tok/s':>13} {'speedup':>8} {'tau':>6} "

@@ -28,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
 from dflare_sgl.engine import SamplingParams, SpeculativeDecoder
 from dflare_sgl.prompts import load_prompts
+from dflare_sgl.skinny_linear import use_skinny_linear
 from dflare_sgl.target import load_target
 
 REGIONS = ("draft", "draft_head", "target_verify", "verify_block", "commit")
@@ -50,12 +51,17 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2, 5])
     ap.add_argument("--draft-head-dtype", default=None, choices=["float32", "bfloat16"],
                     help="default: the engine's choice (bfloat16 for an fp32 target on CPU)")
+    ap.add_argument("--skinny-linear", action="store_true",
+                    help="run the target's and draft's linears (target-only decoding included) "
+                         "on torch.ops.dflare.skinny_linear")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (state them)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     model, tok = load_target(args.target, dtype=torch.float32, device="cpu")
+    if args.skinny_linear:
+        use_skinny_linear(model)
     texts = load_prompts(args.prompts, limit=args.limit)
     prompts = [
         tok.encode(
@@ -80,7 +86,8 @@ def main() -> None:
 
     head_dtype = getattr(torch, args.draft_head_dtype) if args.draft_head_dtype else None
     print(f"target={args.target} fp32 CPU threads={args.threads} bs=1 prompts={len(prompts)} "
-          f"max_new={n} repeats={args.repeats} draft_head_dtype={args.draft_head_dtype or 'auto'}")
+          f"max_new={n} repeats={args.repeats} draft_head_dtype={args.draft_head_dtype or 'auto'} "
+          f"skinny_linear={args.skinny_linear}")
     header = ["B", "D", "target ms/token", "engine ms/token", "engine / target",
               "profiled step ms", *REGIONS, "other"]
     print("| " + " | ".join(header) + " |")
@@ -90,6 +97,8 @@ def main() -> None:
             torch.manual_seed(0)
             draft = DFlareDraftModel(DraftConfig.for_target(
                 model.config, num_draft_layers=layers, block_size=block)).eval()
+            if args.skinny_linear:
+                use_skinny_linear(draft)
             decoder = SpeculativeDecoder(model, draft, draft_head_dtype=head_dtype)
             decoder.generate(prompts[:1], SamplingParams(max_new_tokens=4))  # warm-up
             rows = []

@@ -1,6 +1,6 @@
 // Declarations of the dflare ops' per-device kernels. The schemas (argument meaning,
 // shapes, dtypes) are documented once, in ops.cpp and in the Python wrappers
-// dflare_sgl/layer_mix.py and dflare_sgl/verify.py.
+// dflare_sgl/layer_mix.py, dflare_sgl/verify.py and dflare_sgl/skinny_linear.py.
 #pragma once
 
 #include <torch/extension.h>
@@ -26,6 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_bl
     const at::Tensor& remaining, const at::Tensor& temperatures, const at::Tensor& top_k,
     const at::Tensor& top_p, const at::Tensor& seeds, const at::Tensor& stop_token_ids,
     const at::Tensor& block_slots);
+
+// Most rows of x skinny_linear takes (a verify pass of up to 8 tokens); more go to a GEMM.
+constexpr int64_t kSkinnyLinearMaxRows = 8;
+at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias);
 
 // Device-independent pieces of layer_mix_kv (layer_mix_kv.cpp), shared with the CUDA kernel.
 void check_layer_mix_kv_args(

@@ -11,6 +11,7 @@
 // c10::BFloat16 arithmetic does (each operator computes in float and rounds back).
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
@@ -264,7 +265,11 @@ void layer_mix_kv_blocks(const Args& a, int64_t block) {
     layer_mix_kv_block<scalar_t, cache_t>(a, 0, n);
     return;
   }
+  // Blocks call ATen ops (the projections), so the worker threads take on the caller's
+  // thread-local state: inference / no-grad mode, or those ops would record autograd.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, n, block, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t b = begin; b < end; b += block) {
       layer_mix_kv_block<scalar_t, cache_t>(a, b, std::min(end, b + block));
     }

@@ -19,11 +19,15 @@ TORCH_LIBRARY(dflare, m) {
       "verify_block(Tensor draft_tokens, Tensor logits, Tensor seq_lens, Tensor remaining, "
       "Tensor temperatures, Tensor top_k, Tensor top_p, Tensor seeds, Tensor stop_token_ids, "
       "Tensor block_slots) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // y = x weight^T (+ bias) for a few rows of x (1 to 8, float32), reading weight once:
+  // the target's linears in a CPU decode step or verify pass. CPU only; GPUs use cuBLAS.
+  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dflare, CPU, m) {
   m.impl("layer_mix_kv", &dflare::layer_mix_kv_cpu);
   m.impl("verify_block", &dflare::verify_block_cpu);
+  m.impl("skinny_linear", &dflare::skinny_linear_cpu);
 }
 
 #ifdef DFLARE_WITH_CUDA

@@ -39,7 +39,9 @@ DFLARE_HOST_DEVICE uint32_t mulhi32(uint32_t a, uint32_t b) {
 
 // Philox4x32-10 (Salmon et al., SC'11), as in Random123.
 DFLARE_HOST_DEVICE Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
+#ifdef __CUDACC__
 #pragma unroll
+#endif
   for (int r = 0; r < 10; ++r) {
     if (r > 0) {
       k0 += 0x9E3779B9u;

@@ -26,6 +26,7 @@ from dflare_sgl.bundled import default_draft
 from dflare_sgl.draft_model import FUSION_ARCHITECTURE, DFlareDraftModel, DraftConfig
 from dflare_sgl.engine import GenerationResult, SamplingParams, SpeculativeDecoder, pooled_tau
 from dflare_sgl.prompts import PROMPT_SETS, load_prompts
+from dflare_sgl.skinny_linear import use_skinny_linear
 from dflare_sgl.target import TARGET_ALIASES, load_target, resolve_target
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,6 +121,9 @@ def _generate(args: argparse.Namespace) -> None:
         )
         draft = DFlareDraftModel(config, generator=torch.Generator().manual_seed(args.seed))
         draft = draft.to(device=device, dtype=dtype)
+    if torch.device(device).type == "cpu":  # fast few-row linears: see skinny_linear.py
+        use_skinny_linear(target)
+        use_skinny_linear(draft)
     decoder = SpeculativeDecoder(target, draft, block_size=args.block_size)
     prompts = _encode_prompts(tokenizer, texts, chat=not args.no_chat_template)
     # The engine checks this too, but only when it reaches the batch: fail before any output.

@@ -124,6 +124,11 @@ class SpeculativeDecoder:
         on CPU (the head is a memory-bound ``[B-1, H] x [H, V]`` product there, and bf16 halves
         the bytes it reads), else the head's own dtype.
 
+    On CPU, switch the target's and draft's linears to ``torch.ops.dflare.skinny_linear`` first
+    (:func:`dflare_sgl.skinny_linear.use_skinny_linear`, as ``dflare generate`` does): the
+    linears of a 4-token verify pass then cost ~1.2x those of a 1-token decode instead of ~1.4x,
+    and both about half as much (``benchmarks/RESULTS.md``). The engine leaves the models as given.
+
     Each step runs under the ``torch.profiler.record_function`` label ``dflare.step`` and its
     parts under ``dflare.draft``, ``dflare.draft_head``, ``dflare.target_verify``,
     ``dflare.verify_block`` and ``dflare.commit``, so a profile splits a step's time without
