@@ -73,11 +73,11 @@ def main() -> None:
         for m in args.rows:
             x = {k: torch.randn(m, k, generator=gen) for k in {w.shape[1] for w in weights}}
 
-            def torch_pass() -> None:
+            def torch_pass(x: dict[int, torch.Tensor] = x) -> None:
                 for w in weights:
                     F.linear(x[w.shape[1]], w)
 
-            def skinny_pass() -> None:
+            def skinny_pass(x: dict[int, torch.Tensor] = x) -> None:
                 for w in weights:
                     torch.ops.dflare.skinny_linear(x[w.shape[1]], w, None)
 

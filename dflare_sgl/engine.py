@@ -126,8 +126,9 @@ class SpeculativeDecoder:
 
     On CPU, switch the target's and draft's linears to ``torch.ops.dflare.skinny_linear`` first
     (:func:`dflare_sgl.skinny_linear.use_skinny_linear`, as ``dflare generate`` does): the
-    linears of a 4-token verify pass then cost ~1.2x those of a 1-token decode instead of ~1.4x,
-    and both about half as much (``benchmarks/RESULTS.md``). The engine leaves the models as given.
+    linears of a 4-token verify pass then cost ~1.2x those of a 1-token decode instead of
+    ~1.4x, and both take under half the time (``benchmarks/RESULTS.md``). The engine leaves
+    the models as given.
 
     Each step runs under the ``torch.profiler.record_function`` label ``dflare.step`` and its
     parts under ``dflare.draft``, ``dflare.draft_head``, ``dflare.target_verify``,
