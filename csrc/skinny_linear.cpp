@@ -30,7 +30,8 @@ __attribute__((always_inline)) inline Lanes load_lanes(const float* p) {
   return v;
 }
 
-// A fixed summation tree, so the result does not depend on the instruction set picked.
+// A fixed summation tree, the same in every clone (only the AVX-512 clone fuses multiply-adds,
+// so results can differ in the last bit between CPU generations, never between runs).
 __attribute__((always_inline)) inline float sum_lanes(Lanes v) {
   float t[kLanes];
   std::memcpy(t, &v, sizeof v);
