@@ -145,19 +145,19 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     target, tok = load_target(args.target, dtype=dtype, device=args.device)
     # The engine's copy of the target: on CPU its linears run on skinny_linear.
+    draft_path = args.draft or bundled_draft(args.target)
+    draft = DFlareDraftModel.from_pretrained(draft_path, dtype=dtype, device=args.device)
     fast = target
     if torch.device(args.device).type == "cpu":
         fast = load_target(args.target, dtype=dtype, device=args.device)[0]
         use_skinny_linear(fast)
-    draft_path = args.draft or bundled_draft(args.target)
-    draft = DFlareDraftModel.from_pretrained(draft_path, dtype=dtype, device=args.device)
-    use_skinny_linear(draft)
+        use_skinny_linear(draft)
     decoder = SpeculativeDecoder(fast, draft, block_size=args.block_size)
     B = decoder.block_size
     stops = _stop_token_ids(target, tok)
     new = args.max_new_tokens
     warm = _encode_prompts(tok, ["Hi!"], chat=True)
-    for model in {id(target): target, id(fast): fast}.values():
+    for model in dict.fromkeys((target, fast)):  # each model once
         evaluation.hf_greedy(model, warm, 4, stops, prompt_lookup_tokens=args.prompt_lookup)
     evaluation.speculative(decoder, warm, 4, stops)
 

@@ -29,11 +29,18 @@ def extension_loaded() -> bool:
     return hasattr(torch.ops, "dflare") and hasattr(torch.ops.dflare, "verify_block")
 
 
-def has_kernel(op_name: str, device: torch.device) -> bool:
+def has_kernel(op_name: str, device: torch.device | str) -> bool:
     """Whether ``torch.ops.dflare.<op_name>`` has a kernel for ``device``'s type."""
+    return _has_kernel(op_name, torch.device(device).type)
+
+
+# Cached: the op wrappers ask on every call (skinny_linear ~200 times per decode step), and the
+# answer is fixed once the extension has loaded (extension_loaded is cached too).
+@functools.cache
+def _has_kernel(op_name: str, device_type: str) -> bool:
     if not extension_loaded() or not hasattr(torch.ops.dflare, op_name):
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"dflare::{op_name}", key)
