@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--skinny-linear", action="store_true",
                     help="run the target's and draft's linears (target-only decoding included) "
                          "on torch.ops.dflare.skinny_linear")
+    ap.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                    help="restrict the draft's token head to N token ids (the bundled draft "
+                         "has 8192; which ids does not change the cost)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (state them)")
     args = ap.parse_args()
@@ -87,7 +90,7 @@ def main() -> None:
     head_dtype = getattr(torch, args.draft_head_dtype) if args.draft_head_dtype else None
     print(f"target={args.target} fp32 CPU threads={args.threads} bs=1 prompts={len(prompts)} "
           f"max_new={n} repeats={args.repeats} draft_head_dtype={args.draft_head_dtype or 'auto'} "
-          f"skinny_linear={args.skinny_linear}")
+          f"skinny_linear={args.skinny_linear} draft_vocab={args.draft_vocab or 'all'}")
     header = ["B", "D", "target ms/token", "engine ms/token", "engine / target",
               "profiled step ms", *REGIONS, "other"]
     print("| " + " | ".join(header) + " |")
@@ -97,6 +100,8 @@ def main() -> None:
             torch.manual_seed(0)
             draft = DFlareDraftModel(DraftConfig.for_target(
                 model.config, num_draft_layers=layers, block_size=block)).eval()
+            if args.draft_vocab:
+                draft.set_draft_vocab(torch.arange(args.draft_vocab))
             if args.skinny_linear:
                 use_skinny_linear(draft)
             decoder = SpeculativeDecoder(model, draft, draft_head_dtype=head_dtype)

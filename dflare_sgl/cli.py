@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-size",
         type=_positive,
         metavar="N",
-        help="tokens per verify step (default: the draft's block size, at most 4 on CPU)",
+        help="tokens per verify step (default: the draft's block size, at most 2 on CPU)",
     )
     gen.add_argument(
         "--batch-size",

@@ -92,8 +92,11 @@ class DraftConfig:
     """Shape and format of a draft. D = ``num_hidden_layers``, T = ``len(target_layer_ids)``.
 
     ``num_target_layers`` is the TARGET's layer count L (None when a checkpoint does not say);
-    ``target_layer_ids`` index target layers (hidden state ``id + 1``). ``raw`` is the
-    config.json dict it came from, so keys this class does not model survive a save.
+    ``target_layer_ids`` index target layers (hidden state ``id + 1``). ``draft_vocab_size``
+    N, when set, says the draft proposes only N of the target's tokens (the ``draft_vocab_ids``
+    its weights carry; see :meth:`DFlareDraftModel.set_draft_vocab`); None = every token.
+    ``raw`` is the config.json dict it came from, so keys this class does not model survive a
+    save.
     """
 
     fusion: str
@@ -116,6 +119,7 @@ class DraftConfig:
         default_factory=lambda: {"rope_type": "default", "rope_theta": 1_000_000.0}
     )
     initializer_range: float = 0.02
+    draft_vocab_size: int | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -136,6 +140,13 @@ class DraftConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
+        if self.draft_vocab_size == self.vocab_size:
+            self.draft_vocab_size = None  # EAGLE-3 configs write the full size for "all tokens"
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size < self.vocab_size:
+            raise ValueError(
+                f"draft_vocab_size {self.draft_vocab_size} must be in [1, vocab_size "
+                f"{self.vocab_size}]: remove it to let the draft propose every token"
+            )
 
     @property
     def num_captured_layers(self) -> int:
@@ -197,6 +208,7 @@ class DraftConfig:
             hidden_act=hf.hidden_act,
             rope_parameters=dict(hf.rope_parameters),
             initializer_range=hf.initializer_range,
+            draft_vocab_size=config.get("draft_vocab_size"),
             raw=copy.deepcopy(config),
         )
 
@@ -229,6 +241,9 @@ class DraftConfig:
         )
         if self.num_target_layers is not None:
             out["num_target_layers"] = self.num_target_layers
+        out.pop("draft_vocab_size", None)
+        if self.draft_vocab_size is not None:
+            out["draft_vocab_size"] = self.draft_vocab_size
         dflash = dict(out.get("dflash_config") or {})
         dflash.update(
             mask_token_id=self.mask_token_id, target_layer_ids=list(self.target_layer_ids)
@@ -413,8 +428,9 @@ class DFlareDraftModel(nn.Module):
     """A DFlare (``fusion="layerwise"``) or DFlash (``fusion="shared"``) draft.
 
     It has no embedding or output head: callers embed the block with the target's
-    ``embed_tokens`` and read tokens with its ``lm_head``. New weights are initialised as the
-    references do, from ``generator`` (or torch's global RNG when None).
+    ``embed_tokens`` and read tokens with its ``lm_head`` (restricted to ``draft_vocab_ids``
+    when the draft has them). New weights are initialised as the references do, from
+    ``generator`` (or torch's global RNG when None).
     """
 
     def __init__(self, config: DraftConfig, generator: torch.Generator | None = None) -> None:
@@ -430,6 +446,10 @@ class DFlareDraftModel(nn.Module):
             self.fc = nn.Linear(t * h, h, bias=False)
         # A plain attribute, not a buffer, so that `.to(torch.bfloat16)` keeps it float32.
         self._cos_sin_cache = config.rope_cache()
+        n = config.draft_vocab_size
+        # A persistent buffer, so it is saved and loaded with the weights (int64: `.to(dtype)`
+        # leaves it alone); None (the published formats) is left out of the state dict.
+        self.register_buffer("draft_vocab_ids", None if n is None else torch.zeros(n).long())
         self.reset_parameters(generator)
 
     @property
@@ -459,6 +479,23 @@ class DFlareDraftModel(nn.Module):
             d, t = self.layer_fusion_weights.shape
             self.layer_fusion_weights.zero_()
             self.layer_fusion_weights[torch.arange(d), torch.arange(d) * t // d] = 2.0
+
+    def set_draft_vocab(self, token_ids: torch.Tensor | None) -> None:
+        """Let the draft propose only ``token_ids`` (int ``[N]``, distinct target token ids),
+        or every token (None).
+
+        Why: on CPU the draft's token head, a ``[B-1, H] x [H, V]`` product over the target's
+        whole vocabulary, is a fixed cost of every step; the tokens a target actually writes are
+        a few thousand (EAGLE-3's reduced draft vocabulary). Outputs stay the target's: a token
+        the draft cannot propose is only never accepted, it is still committed as the target's
+        own correction. Saved as ``draft_vocab_ids`` with ``draft_vocab_size`` in config.json.
+        """
+        if token_ids is not None:
+            token_ids = _checked_draft_vocab(token_ids, self.config.vocab_size)
+            if token_ids.numel() == self.config.vocab_size:
+                token_ids = None  # every token: the published formats' layout
+        self.draft_vocab_ids = None if token_ids is None else token_ids.to(self.norm.weight.device)
+        self.config.draft_vocab_size = None if token_ids is None else token_ids.numel()
 
     def _rope(self, device: torch.device) -> torch.Tensor:
         if self._cos_sin_cache.device != device:
@@ -656,6 +693,11 @@ class DFlareDraftModel(nn.Module):
                 "these weights"
             )
         model.load_state_dict(state, assign=True)
+        if model.draft_vocab_ids is not None:
+            try:
+                _checked_draft_vocab(model.draft_vocab_ids, config.vocab_size)
+            except ValueError as e:
+                raise ValueError(f"draft_vocab_ids in {path}: {e}") from None
         if dtype is None:
             named = raw.get("dtype") or raw.get("torch_dtype")
             dtype = (
@@ -674,6 +716,21 @@ class DFlareDraftModel(nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         make_readable(path / "config.json", path / "model.safetensors")
+
+
+def _checked_draft_vocab(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``token_ids`` as int64, refused unless 1-D, distinct and inside ``[0, vocab_size)``."""
+    if token_ids.dim() != 1 or token_ids.numel() == 0 or token_ids.is_floating_point():
+        raise ValueError(
+            f"a draft vocabulary is a non-empty 1-D tensor of token ids, got "
+            f"{token_ids.dtype} {tuple(token_ids.shape)}"
+        )
+    ids = token_ids.long()
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"draft vocabulary ids must lie in [0, {vocab_size})")
+    if ids.unique().numel() != ids.numel():
+        raise ValueError("draft vocabulary ids must be distinct")
+    return ids
 
 
 def _preview(keys: list[str], limit: int = 8) -> str:

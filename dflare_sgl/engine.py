@@ -93,12 +93,14 @@ def _drop_cache_tail(cache: DynamicCache, length: int) -> None:
         cache.crop(-removed)
 
 
-# On CPU a verify pass costs more the more tokens it checks (fp32 GEMMs of a few rows are
-# compute-bound there; SmolLM2-135M on 2 cores: 4 tokens ~1.5x a 1-token decode, 8 ~1.8x,
-# 16 ~2.3x, benchmarks/RESULTS.md), while on a GPU the cost stays flat well past 16 tokens.
-# With today's drafts (acceptance beyond the third drafted token is rare) 4 is the fastest
-# block on CPU, so CPU decoding drafts at most this many tokens per step unless told otherwise.
-CPU_MAX_BLOCK_SIZE = 4
+# On CPU a verify pass costs more the more tokens it checks, while on a GPU the cost stays flat
+# well past 16 tokens. With torch.ops.dflare.skinny_linear (SmolLM2-135M, 2 cores) a 2-token
+# pass costs about a 1-token decode, 4 tokens ~1.2-1.6x; the CPU-trained bundled draft's second
+# drafted token is right in under 1 step of 10. Measured end to end (benchmarks/RESULTS.md,
+# stop 15) B=2 is then the fastest CPU block (B=4 loses 0.1-0.15x), so CPU decoding verifies
+# this many tokens per step unless told otherwise. A draft right more often pays for a longer
+# block: re-measure with `bench_engine.py --skinny-linear --block-size B` when one ships.
+CPU_MAX_BLOCK_SIZE = 2
 
 
 def default_block_size(draft_block_size: int, device: torch.device) -> int:
@@ -117,12 +119,13 @@ class SpeculativeDecoder:
         input embedding and output head are the draft's too.
       draft: a draft model for this target (checked with ``draft.check_compatible``).
       block_size: tokens verified per step (x_last + B-1 drafts); default
-        :func:`default_block_size` (the draft's, at most 4 on CPU).
+        :func:`default_block_size` (the draft's, at most 2 on CPU).
       draft_head_dtype: dtype of the draft's token head (the target's ``lm_head`` weights,
         copied once). Draft tokens only decide what gets accepted, never what is committed,
         so a lower precision cannot change the output. Default: bfloat16 for a float32 target
         on CPU (the head is a memory-bound ``[B-1, H] x [H, V]`` product there, and bf16 halves
-        the bytes it reads), else the head's own dtype.
+        the bytes it reads), else the head's own dtype. A draft with a reduced vocabulary
+        (``draft.draft_vocab_ids``, N ids) gets only those N rows, so V becomes N.
 
     On CPU, switch the target's and draft's linears to ``torch.ops.dflare.skinny_linear`` first
     (:func:`dflare_sgl.skinny_linear.use_skinny_linear`, as ``dflare generate`` does): the
@@ -162,7 +165,12 @@ class SpeculativeDecoder:
         if draft_head_dtype is None:
             cpu_fp32 = self.device.type == "cpu" and head.dtype == torch.float32
             draft_head_dtype = torch.bfloat16 if cpu_fp32 else head.dtype
-        self.draft_head = head.detach().to(draft_head_dtype)
+        vocab = draft.draft_vocab_ids
+        # Draft token i of the head's output is target token draft_vocab[i] (None: i itself).
+        self.draft_vocab = None if vocab is None else vocab.to(self.device)
+        if vocab is not None:
+            head = head[self.draft_vocab]
+        self.draft_head = head.detach().to(draft_head_dtype).contiguous()
         self.max_positions = min(
             int(getattr(target.config, "max_position_embeddings", 1 << 30)),
             self.mix_weights.cos_sin_cache.shape[0],
@@ -345,7 +353,8 @@ class SpeculativeDecoder:
             )
         with record_function("dflare.draft_head"):
             head = self.draft_head
-            block[:, 1:] = torch.nn.functional.linear(hidden[:, 1:].to(head.dtype), head).argmax(-1)
+            drafted = torch.nn.functional.linear(hidden[:, 1:].to(head.dtype), head).argmax(-1)
+            block[:, 1:] = drafted if self.draft_vocab is None else self.draft_vocab[drafted]
 
         # Verify: one causal target pass over the block, appended after the cache columns.
         past = self.target_cache.get_seq_length()

@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaConfig
 
 from dflare_sgl.cli import _TextStream
+from dflare_sgl.engine import CPU_MAX_BLOCK_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is the capital of France?"
@@ -50,7 +51,7 @@ def drafts(smollm2_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["init-draft"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["init-draft"], ["draft-vocab"]])
 def test_help(command):
     run = dflare(*command, "--help")
     assert run.returncode == 0 and run.stderr == ""
@@ -97,7 +98,8 @@ def test_generate_with_draft_equals_target_greedy(drafts, smollm2_target):
     )
     assert stats, lines[2]
     tau, steps, drafted, accepted = float(stats[1]), *map(int, stats.group(2, 3, 4))
-    assert drafted == 3 * steps  # block size 4: three drafts per step
+    # The draft's block is 4, capped on CPU: B - 1 drafts per step.
+    assert drafted == (min(4, CPU_MAX_BLOCK_SIZE) - 1) * steps
     assert tau == round(4 / steps, 2)  # 5 tokens, the first from prefill, 4 from the steps
     assert accepted <= 4 - steps  # each step commits its accepted drafts plus one token
     assert lines[3].startswith("=== all 1 request(s): 5 tokens in ")

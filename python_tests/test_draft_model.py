@@ -346,6 +346,49 @@ def _rewrite_weights(path: Path, edit) -> None:
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
 
 
+@torch.no_grad()
+def test_draft_vocab_saves_loads_and_survives_dtype_casts(tmp_path):
+    draft = _draft("shared")
+    assert draft.draft_vocab_ids is None and "draft_vocab_ids" not in draft.state_dict()
+    ids = torch.tensor([7, 3, 99, 0, 42])  # any order: the head reads rows in this order
+    draft.set_draft_vocab(ids)
+    draft = draft.to(torch.bfloat16)
+    assert draft.draft_vocab_ids.dtype == torch.int64
+    draft.save_pretrained(tmp_path / "reduced")
+    assert json.loads((tmp_path / "reduced" / "config.json").read_text())["draft_vocab_size"] == 5
+    loaded = DFlareDraftModel.from_pretrained(tmp_path / "reduced")
+    assert torch.equal(loaded.draft_vocab_ids, ids) and loaded.config.draft_vocab_size == 5
+    assert loaded.norm.weight.dtype == torch.bfloat16
+    # Every token again: the published layout, without the tensor or the config key.
+    loaded.set_draft_vocab(torch.arange(100))
+    assert loaded.draft_vocab_ids is None and loaded.config.draft_vocab_size is None
+    loaded.save_pretrained(tmp_path / "full")
+    assert "draft_vocab_size" not in json.loads((tmp_path / "full" / "config.json").read_text())
+    assert "draft_vocab_ids" not in load_file(tmp_path / "full" / "model.safetensors")
+
+
+def test_error_bad_draft_vocab(tmp_path):
+    draft = _draft()
+    for bad, match in [
+        (torch.tensor([1, 1, 2]), "distinct"),
+        (torch.tensor([5, 100]), r"\[0, 100\)"),
+        (torch.tensor([[1, 2]]), "1-D"),
+        (torch.tensor([1.0, 2.0]), "1-D tensor of token ids"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            draft.set_draft_vocab(bad)
+    draft.set_draft_vocab(torch.tensor([4, 5, 6]))
+    draft.save_pretrained(tmp_path)
+    _rewrite_weights(tmp_path, lambda s: s.update(draft_vocab_ids=torch.tensor([4, 5, 500])))
+    with pytest.raises(ValueError, match=r"draft_vocab_ids in .*\[0, 100\)"):
+        DFlareDraftModel.from_pretrained(tmp_path)
+    _rewrite_weights(tmp_path, lambda s: s.pop("draft_vocab_ids"))
+    with pytest.raises(ValueError, match="missing: draft_vocab_ids"):
+        DFlareDraftModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="draft_vocab_size 200 must be in"):
+        DraftConfig.from_dict(_config_dict("DFlashDraftModel", draft_vocab_size=200))
+
+
 def test_error_unknown_architecture():
     with pytest.raises(ValueError, match=r"QwenDFlareDraftModel.*DFlashDraftModel"):
         DraftConfig.from_dict(_config_dict("LlamaForCausalLM"))

@@ -139,6 +139,34 @@ def test_greedy_with_long_accepted_runs(target, prompts, greedy_reference):
     assert max(results[0].accept_lengths) > 2
 
 
+def test_reduced_draft_vocab(target, prompts, greedy_reference):
+    """A draft restricted to N token ids proposes target tokens through them (the head's row i
+    is token ``ids[i]``): the same proposals as the full head while its token is among them,
+    never that token once it is not; the output stays the target's either way."""
+    model, tok = target
+    rep, word_id = _laugh(tok)
+    params = SamplingParams(max_new_tokens=40, stop_token_ids=(tok.eos_token_id,))
+    batch = [rep, prompts[0]]
+    full = SpeculativeDecoder(model, _repeat_draft(model, word_id), block_size=8).generate(
+        batch, params
+    )
+    others = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    others = others[others != word_id][:4095]
+    with_word = torch.cat([others, torch.tensor([word_id])])
+    for ids, same_proposals in [(with_word, True), (others, False)]:
+        draft = _repeat_draft(model, word_id)
+        draft.set_draft_vocab(ids)
+        decoder = SpeculativeDecoder(model, draft, block_size=8)
+        assert decoder.draft_head.shape[0] == ids.numel()
+        results = decoder.generate(batch, params)
+        assert [r.tokens for r in results] == [r.tokens for r in full]
+        assert results[1].tokens[:MAX_NEW] == greedy_reference[0]
+        if same_proposals:
+            assert [r.accept_lengths for r in results] == [r.accept_lengths for r in full]
+        else:  # the laugh prompt's run of accepted " ha" drafts is gone
+            assert full[0].num_accepted > 10 and results[0].num_accepted < 5
+
+
 def _target_only_sample(model, ids: list[int], n: int, params: SamplingParams) -> list[int]:
     """Autoregressive target sampling with the engine's seeded Gumbel noise, one token a pass."""
     cache, out_ids, cur = DynamicCache(), [], torch.tensor([ids])
@@ -243,6 +271,7 @@ def test_default_block_size_is_capped_on_cpu(target):
     CPU_MAX_BLOCK_SIZE tokens on CPU (where a wider verify pass costs more)."""
     model, _ = target
     assert SpeculativeDecoder(model, _draft(model, "layerwise", 1)).block_size == CPU_MAX_BLOCK_SIZE
-    assert SpeculativeDecoder(model, _draft(model, "layerwise", 1, block_size=3)).block_size == 3
+    assert SpeculativeDecoder(model, _draft(model, "layerwise", 1, block_size=2)).block_size == 2
+    assert SpeculativeDecoder(model, _draft(model, "layerwise", 1), block_size=5).block_size == 5
     assert default_block_size(16, torch.device("cuda")) == 16
     assert default_block_size(16, torch.device("cpu")) == CPU_MAX_BLOCK_SIZE

@@ -24,6 +24,7 @@ from dflare_sgl.target import load_target
 from dflare_sgl.training.context_cache import TargetContextCache
 from dflare_sgl.training.data import load_sequences, training_prompts
 from dflare_sgl.training.data import read_metadata as data_metadata
+from dflare_sgl.training.draft_vocab import most_frequent_tokens, response_token_counts
 from dflare_sgl.training.generate import GenDataConfig, generate_data
 from dflare_sgl.training.initialize import init_from_draft, init_from_target
 from dflare_sgl.training.loader import collate
@@ -239,7 +240,9 @@ def test_init_draft_starts_from_saved_weights(tmp_path, tiny_target, tiny_data):
     target, _ = load_target(tiny_target, dtype=torch.float32)
     config = DraftConfig.for_target(target.config, num_draft_layers=1, block_size=4)
     saved = DFlareDraftModel(config, generator=torch.Generator().manual_seed(7))
+    saved.set_draft_vocab(torch.arange(10, 20))  # an inference setting: not carried over
     saved.save_pretrained(tmp_path / "saved")
+    saved.set_draft_vocab(None)
     out = train(
         _train_config(
             tiny_target,
@@ -252,6 +255,7 @@ def test_init_draft_starts_from_saved_weights(tmp_path, tiny_target, tiny_data):
         )
     )
     trained = DFlareDraftModel.from_pretrained(out, dtype=torch.float32)
+    assert trained.state_dict().keys() == saved.state_dict().keys()
     for name, p in saved.state_dict().items():
         assert torch.equal(trained.state_dict()[name], p), name
     with pytest.raises(ValueError, match="set --layers to match"):
@@ -401,3 +405,33 @@ def test_cli_errors(tmp_path, tiny_target, tiny_data, smollm2_dir, capsys):
     capsys.readouterr()
     resume = base + ["--data", tiny_data, "--layers", "2", "--resume", "--steps", "2"]
     assert "another shape" in _cli_error(resume, capsys)
+
+
+def test_most_frequent_tokens_order_ties_and_unseen():
+    counts = torch.tensor([0, 5, 2, 5, 0, 9, 1, 2])
+    assert most_frequent_tokens(counts, 3).tolist() == [1, 3, 5]
+    assert most_frequent_tokens(counts, 4).tolist() == [1, 2, 3, 5]  # tie 2 vs 7: lower id
+    assert most_frequent_tokens(counts, 100).tolist() == [1, 2, 3, 5, 6, 7]  # seen ones only
+    with pytest.raises(ValueError, match="at least one token"):
+        most_frequent_tokens(counts, 0)
+    with pytest.raises(ValueError, match="loss masks are empty"):
+        most_frequent_tokens(torch.zeros(4, dtype=torch.int64), 2)
+
+
+def test_draft_vocab_cli(tmp_path, tiny_target, tiny_data, capsys):
+    config = DraftConfig.for_target(load_target(tiny_target)[0].config, num_draft_layers=1)
+    DFlareDraftModel(config).save_pretrained(tmp_path / "draft")
+    counts = torch.zeros(config.vocab_size, dtype=torch.int64)
+    for ids, mask in load_sequences(Path(tiny_data)):
+        counts += torch.bincount(ids[mask], minlength=config.vocab_size)
+    args = ["draft-vocab", "--data", tiny_data, "--draft", str(tmp_path / "draft"), "--size", "3"]
+    assert main(args + ["--out", str(tmp_path / "reduced")]) == 0
+    assert "covering 100.00% of the response tokens" in capsys.readouterr().out
+    ids = DFlareDraftModel.from_pretrained(tmp_path / "reduced").draft_vocab_ids
+    # The tiny target repeats one token, so its data has 1-3 distinct ones: all kept.
+    assert ids.tolist() == counts.nonzero().flatten().tolist()
+    assert torch.equal(response_token_counts(tiny_data, config.vocab_size), counts)
+    assert DFlareDraftModel.from_pretrained(tmp_path / "draft").draft_vocab_ids is None
+    assert "gen-data" in _cli_error(args[:2] + [str(tmp_path / "draft")] + args[3:], capsys)
+    with pytest.raises(ValueError, match="made for another target"):
+        response_token_counts(tiny_data, 100)

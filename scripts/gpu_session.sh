@@ -132,8 +132,9 @@ from dflare_sgl.draft_model import DFlareDraftModel
 out = Path(sys.argv[1]) / "draft"
 DFlareDraftModel.from_pretrained(".gpu/draft").to(torch.bfloat16).save_pretrained(out)
 shutil.copy(".gpu/draft/train_args.json", out)
-print(f"draft in {out}: {sorted(p.name for p in out.iterdir())}")
 PY
+  "$PY" -m dflare_sgl.cli draft-vocab --data .gpu/data --draft "$OUT/draft" --size 8192
+  ls "$OUT/draft"
   step "done"
   exit 0
 fi

@@ -2,6 +2,7 @@
 
 dflare gen-data --target smollm2-135m --prompts sharegpt --limit 512 --out data/smollm2
 dflare train --target smollm2-135m --data data/smollm2 --out drafts/smollm2 --steps 2000
+dflare draft-vocab --data data/smollm2 --draft drafts/smollm2 --size 8192
 torchrun --nproc-per-node 2 -m dflare_sgl.cli train ...     # FSDP2 across processes
 """
 
@@ -37,6 +38,22 @@ def _train(args: argparse.Namespace) -> None:
     print(f"draft in {out}")
 
 
+def _draft_vocab(args: argparse.Namespace) -> None:
+    from dflare_sgl.draft_model import DFlareDraftModel
+    from dflare_sgl.training.draft_vocab import most_frequent_tokens, response_token_counts
+
+    draft = DFlareDraftModel.from_pretrained(args.draft)
+    counts = response_token_counts(args.data, draft.config.vocab_size)
+    ids = most_frequent_tokens(counts, args.size)
+    draft.set_draft_vocab(ids)
+    draft.save_pretrained(args.out or args.draft)
+    covered = float(counts[ids].sum()) / float(counts.sum())
+    print(
+        f"draft vocabulary: {ids.numel()} of {draft.config.vocab_size} tokens, covering "
+        f"{covered:.2%} of the response tokens in {args.data}; draft in {args.out or args.draft}"
+    )
+
+
 def _nonnegative(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -45,7 +62,7 @@ def _nonnegative(text: str) -> float:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    """Add ``gen-data`` and ``train`` to the ``dflare`` subcommands."""
+    """Add ``gen-data``, ``train`` and ``draft-vocab`` to the ``dflare`` subcommands."""
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
 
     gen = commands.add_parser(
@@ -197,3 +214,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     tr.add_argument("--device", default=default_device, help="cpu or cuda (default: cuda if any)")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(run=_train)
+
+    dv = commands.add_parser(
+        "draft-vocab",
+        help="restrict a draft's proposals to the target's most frequent response tokens",
+        description="Count the response tokens of a gen-data folder and store the --size most "
+        "frequent in the draft (draft_vocab_ids; config.json draft_vocab_size). Its token head "
+        "then covers only those, which cuts a fixed cost of every CPU decoding step; outputs "
+        "stay the target's.",
+    )
+    dv.add_argument("--data", required=True, metavar="DIR", help="a gen-data folder")
+    dv.add_argument("--draft", required=True, metavar="DIR", help="the draft folder to update")
+    dv.add_argument("--size", type=_positive, default=8192, metavar="N", help="default: 8192")
+    dv.add_argument("--out", metavar="DIR", help="write here instead of updating --draft")
+    dv.set_defaults(run=_draft_vocab)

@@ -37,8 +37,8 @@ _ARCHITECTURE = {
 
 @torch.no_grad()
 def init_from_draft(draft: DFlareDraftModel, path: str | Path) -> None:
-    """Copy a saved draft's weights into ``draft``; its shape must be the one the run's flags
-    ask for (ValueError naming the flags to change otherwise)."""
+    """Copy a saved draft's weights (not its draft vocabulary) into ``draft``; its shape must be
+    the one the run's flags ask for (ValueError naming the flags to change otherwise)."""
     saved = DFlareDraftModel.from_pretrained(path, dtype=torch.float32)
     diff = {
         flag: f"{name} {getattr(saved.config, name)!r} vs {getattr(draft.config, name)!r}"
@@ -50,6 +50,9 @@ def init_from_draft(draft: DFlareDraftModel, path: str | Path) -> None:
             f"--init-draft {path}: the saved draft does not have this run's shape "
             f"({'; '.join(diff.values())}): set {', '.join(sorted(diff))} to match it"
         )
+    # Weights only: a reduced draft vocabulary is an inference setting, chosen after training
+    # (`dflare draft-vocab`); the training loss always covers every token.
+    saved.set_draft_vocab(None)
     draft.load_state_dict(saved.state_dict())
 
 
