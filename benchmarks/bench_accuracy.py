@@ -150,8 +150,7 @@ def main() -> None:
     fast = target
     if torch.device(args.device).type == "cpu":
         fast = load_target(args.target, dtype=dtype, device=args.device)[0]
-        use_skinny_linear(fast)
-        use_skinny_linear(draft)
+        use_skinny_linear(fast, draft)
     decoder = SpeculativeDecoder(fast, draft, block_size=args.block_size)
     B = decoder.block_size
     stops = _stop_token_ids(target, tok)

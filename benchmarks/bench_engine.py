@@ -77,8 +77,7 @@ def main() -> None:
     if args.full_draft_vocab:
         draft.set_draft_vocab(None)
     if args.skinny_linear:
-        use_skinny_linear(target)
-        use_skinny_linear(draft)
+        use_skinny_linear(target, draft)
     decoder = SpeculativeDecoder(target, draft, block_size=args.block_size)
     prompts = _encode_prompts(tok, load_prompts(args.prompts, limit=args.limit), chat=True)
     stops = _stop_token_ids(target, tok)

@@ -122,8 +122,7 @@ def _generate(args: argparse.Namespace) -> None:
         draft = DFlareDraftModel(config, generator=torch.Generator().manual_seed(args.seed))
         draft = draft.to(device=device, dtype=dtype)
     if torch.device(device).type == "cpu":  # fast few-row linears: see skinny_linear.py
-        use_skinny_linear(target)
-        use_skinny_linear(draft)
+        use_skinny_linear(target, draft)
     decoder = SpeculativeDecoder(target, draft, block_size=args.block_size)
     prompts = _encode_prompts(tokenizer, texts, chat=not args.no_chat_template)
     # The engine checks this too, but only when it reaches the batch: fail before any output.

@@ -79,8 +79,7 @@ def _demo(args: argparse.Namespace) -> None:
         alone = evaluation.hf_greedy(target, prompts, new, stops, on_done=bar.update)
     skinny = None
     if torch.device(device).type == "cpu":
-        use_skinny_linear(target)
-        use_skinny_linear(draft)
+        use_skinny_linear(target, draft)
         evaluation.hf_greedy(target, prompts[:1], 4, stops)
         desc = "target alone, skinny_linear"
         with tqdm(total=n, unit="prompt", desc=desc, file=sys.stdout) as bar:

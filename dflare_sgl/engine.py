@@ -165,10 +165,10 @@ class SpeculativeDecoder:
         if draft_head_dtype is None:
             cpu_fp32 = self.device.type == "cpu" and head.dtype == torch.float32
             draft_head_dtype = torch.bfloat16 if cpu_fp32 else head.dtype
-        vocab = draft.draft_vocab_ids
         # Draft token i of the head's output is target token draft_vocab[i] (None: i itself).
-        self.draft_vocab = None if vocab is None else vocab.to(self.device)
-        if vocab is not None:
+        self.draft_vocab = draft.draft_vocab_ids
+        if self.draft_vocab is not None:
+            self.draft_vocab = self.draft_vocab.to(self.device)
             head = head[self.draft_vocab]
         self.draft_head = head.detach().to(draft_head_dtype).contiguous()
         self.max_positions = min(

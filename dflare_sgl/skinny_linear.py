@@ -60,17 +60,19 @@ class SkinnyLinear(torch.nn.Linear):
         return skinny_linear(x, self.weight, self.bias)
 
 
-def use_skinny_linear(model: torch.nn.Module) -> int:
-    """Switch every plain ``nn.Linear`` of ``model`` to :class:`SkinnyLinear`, in place.
+def use_skinny_linear(*models: torch.nn.Module) -> int:
+    """Switch every plain ``nn.Linear`` of ``models`` (a target and its draft, say) to
+    :class:`SkinnyLinear`, in place.
 
     Only the class changes: parameters (tied ones included), hooks and state-dict keys stay
-    as they are, so the model computes the same function and saves the same checkpoint.
+    as they are, so each model computes the same function and saves the same checkpoint.
     Subclasses of ``nn.Linear`` (quantized or LoRA layers) are left alone. Returns how many
     layers were switched.
     """
     switched = 0
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.__class__ = SkinnyLinear
-            switched += 1
+    for model in models:
+        for module in model.modules():
+            if type(module) is torch.nn.Linear:
+                module.__class__ = SkinnyLinear
+                switched += 1
     return switched

@@ -116,6 +116,7 @@ def test_use_skinny_linear_keeps_the_model() -> None:
     assert model.lm_head.weight is model.get_input_embeddings().weight
     assert list(model.state_dict()) == keys
     assert use_skinny_linear(model) == 0  # idempotent
+    assert use_skinny_linear(_tiny_llama(), _tiny_llama()) == 2 * linears  # several at once
 
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, **FP32_TOL)
