@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dflare_sgl import evaluation
-from dflare_sgl.cli import _encode_prompts, _stop_token_ids
+from dflare_sgl.cli_helpers import encode_prompts, stop_token_ids
 from dflare_sgl.draft_model import DFlareDraftModel
 from dflare_sgl.engine import SpeculativeDecoder
 from dflare_sgl.prompts import load_prompts
@@ -96,9 +96,9 @@ def main() -> None:
     folders = {name: train_variant(base, name, root) for name in args.variants}
 
     target, tok = load_target(args.target, dtype=torch.float32, device="cpu")
-    stops = _stop_token_ids(target, tok)
+    stops = stop_token_ids(target, tok)
     prompts = {
-        s: _encode_prompts(tok, load_prompts(s, limit=args.eval_prompts), chat=True) for s in SETS
+        s: encode_prompts(tok, load_prompts(s, limit=args.eval_prompts), chat=True) for s in SETS
     }
     taus: dict[str, dict[str, float]] = {}
     for name, folder in folders.items():

@@ -31,7 +31,7 @@ import torch
 
 from dflare_sgl import evaluation
 from dflare_sgl.bundled import bundled_draft
-from dflare_sgl.cli import _encode_prompts, _stop_token_ids
+from dflare_sgl.cli_helpers import encode_prompts, stop_token_ids
 from dflare_sgl.draft_model import DFlareDraftModel
 from dflare_sgl.engine import SpeculativeDecoder
 from dflare_sgl.prompts import load_prompts
@@ -153,9 +153,9 @@ def main() -> None:
         use_skinny_linear(fast, draft)
     decoder = SpeculativeDecoder(fast, draft, block_size=args.block_size)
     B = decoder.block_size
-    stops = _stop_token_ids(target, tok)
+    stops = stop_token_ids(target, tok)
     new = args.max_new_tokens
-    warm = _encode_prompts(tok, ["Hi!"], chat=True)
+    warm = encode_prompts(tok, ["Hi!"], chat=True)
     for model in dict.fromkeys((target, fast)):  # each model once
         evaluation.hf_greedy(model, warm, 4, stops, prompt_lookup_tokens=args.prompt_lookup)
     evaluation.speculative(decoder, warm, 4, stops)
@@ -172,7 +172,7 @@ def main() -> None:
 
     acc, rows = {}, []
     for s in args.sets:
-        prompts = _encode_prompts(tok, load_prompts(s, limit=args.limit), chat=True)
+        prompts = encode_prompts(tok, load_prompts(s, limit=args.limit), chat=True)
         for bs in args.batch_sizes:
             speeds: dict[str, list[float]] = {}
             for r in range(args.repeats):

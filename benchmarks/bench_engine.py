@@ -22,7 +22,7 @@ import statistics
 import torch
 
 from dflare_sgl.bundled import default_draft
-from dflare_sgl.cli import _encode_prompts, _stop_token_ids
+from dflare_sgl.cli_helpers import encode_prompts, stop_token_ids
 from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
 from dflare_sgl.engine import SpeculativeDecoder, pooled_tau
 from dflare_sgl.evaluation import hf_greedy, speculative
@@ -79,12 +79,13 @@ def main() -> None:
     if args.skinny_linear:
         use_skinny_linear(target, draft)
     decoder = SpeculativeDecoder(target, draft, block_size=args.block_size)
-    prompts = _encode_prompts(tok, load_prompts(args.prompts, limit=args.limit), chat=True)
-    stops = _stop_token_ids(target, tok)
+    prompts = encode_prompts(tok, load_prompts(args.prompts, limit=args.limit), chat=True)
+    stops = stop_token_ids(target, tok)
 
     print(
         f"target={args.target} draft={draft_path} device={args.device} dtype={args.dtype} "
-        f"threads={torch.get_num_threads()} B={decoder.block_size} prompts={len(prompts)} "
+        f"threads={torch.get_num_threads()} B={decoder.block_size} "
+        f"verify={'adaptive' if decoder.adaptive else 'fixed'} prompts={len(prompts)} "
         f"({args.prompts}) max_new={args.max_new_tokens} repeats={args.repeats} "
         f"skinny_linear={args.skinny_linear} draft_vocab={draft.config.draft_vocab_size or 'all'}"
     )

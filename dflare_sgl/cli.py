@@ -16,77 +16,34 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import TextIO
 
 import torch
 import transformers
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig
 
+from dflare_sgl import cost_model
 from dflare_sgl.bundled import default_draft
+from dflare_sgl.cli_helpers import (
+    DTYPES,
+    TextStream,
+    add_target_argument,
+    add_verify_length_arguments,
+    device,
+    encode_prompts,
+    positive,
+    speculative_decoder,
+    stop_token_ids,
+    verify_length_summary,
+)
 from dflare_sgl.draft_model import FUSION_ARCHITECTURE, DFlareDraftModel, DraftConfig
 from dflare_sgl.engine import GenerationResult, SamplingParams, SpeculativeDecoder, pooled_tau
 from dflare_sgl.prompts import PROMPT_SETS, load_prompts
 from dflare_sgl.skinny_linear import use_skinny_linear
-from dflare_sgl.target import TARGET_ALIASES, load_target, resolve_target
+from dflare_sgl.target import load_target, resolve_target
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DRAFT_LAYERS = 5  # the DFlash default depth; DFlare goes to 7 once trained
 BLOCK_SIZE = 16
 log = logging.getLogger("dflare_sgl")
-
-
-def _device(name: str) -> str:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("CUDA is not available on this machine; use --device cpu")
-    return name
-
-
-class _TextStream:
-    """Writes one request's text as its tokens are committed.
-
-    Decodes the whole sequence each time and prints the new suffix, holding it back while it
-    ends inside a multi-byte character (shown as U+FFFD until the rest arrives).
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, out: TextIO) -> None:
-        self.tokenizer, self.out = tokenizer, out
-        self.tokens: list[int] = []
-        self.printed = 0
-
-    def __call__(self, request: int, new_tokens: list[int]) -> None:
-        self.tokens += new_tokens
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            self.out.write(text[self.printed :])
-            self.out.flush()
-            self.printed = len(text)
-
-
-def _encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], chat: bool
-) -> list[list[int]]:
-    if not chat:
-        return [tokenizer.encode(t) for t in texts]
-    if not tokenizer.chat_template:
-        raise ValueError(
-            "the target's tokenizer has no chat template; pass --no-chat-template to feed the "
-            "prompts as raw text"
-        )
-    return [
-        tokenizer.encode(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
-            ),
-            add_special_tokens=False,  # the template already has them
-        )
-        for t in texts
-    ]
-
-
-def _stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    return tuple(sorted(i for i in ids if i is not None))
 
 
 def _stats(results: list[GenerationResult]) -> str:
@@ -96,19 +53,18 @@ def _stats(results: list[GenerationResult]) -> str:
     rate = accepted / drafted if drafted else 0.0
     return (
         f"tau {pooled_tau(results):.2f} over {steps} steps | drafted {drafted}, accepted "
-        f"{accepted} ({rate:.1%})"
+        f"{accepted} ({rate:.1%}) | verified {verify_length_summary(results)}"
     )
 
 
-def _generate(args: argparse.Namespace) -> None:
-    if args.limit is not None and args.prompts is None:
-        raise ValueError("--limit selects from a prompt set: use it with --prompts")
-    dtype, device = DTYPES[args.dtype], _device(args.device)
-    texts = args.prompt or load_prompts(args.prompts, limit=args.limit)
-    target, tokenizer = load_target(args.target, dtype=dtype, device=device)
+def _load_models(args: argparse.Namespace):
+    """(target, tokenizer, draft) of ``--target`` / ``--draft`` / ``--dtype`` / ``--device``;
+    without ``--draft``, the target's bundled draft or, with a warning, an untrained one."""
+    dtype, dev = DTYPES[args.dtype], device(args.device)
+    target, tokenizer = load_target(args.target, dtype=dtype, device=dev)
     draft_path = args.draft or default_draft(args.target)
     if draft_path:
-        draft = DFlareDraftModel.from_pretrained(draft_path, dtype=dtype, device=device)
+        draft = DFlareDraftModel.from_pretrained(draft_path, dtype=dtype, device=dev)
     else:
         print(
             "dflare: warning: no --draft given and no draft ships for this target: using an "
@@ -120,11 +76,19 @@ def _generate(args: argparse.Namespace) -> None:
             target.config, num_draft_layers=DRAFT_LAYERS, block_size=args.block_size or BLOCK_SIZE
         )
         draft = DFlareDraftModel(config, generator=torch.Generator().manual_seed(args.seed))
-        draft = draft.to(device=device, dtype=dtype)
-    if torch.device(device).type == "cpu":  # fast few-row linears: see skinny_linear.py
+        draft = draft.to(device=dev, dtype=dtype)
+    if torch.device(dev).type == "cpu":  # fast few-row linears: see skinny_linear.py
         use_skinny_linear(target, draft)
-    decoder = SpeculativeDecoder(target, draft, block_size=args.block_size)
-    prompts = _encode_prompts(tokenizer, texts, chat=not args.no_chat_template)
+    return target, tokenizer, draft
+
+
+def _generate(args: argparse.Namespace) -> None:
+    if args.limit is not None and args.prompts is None:
+        raise ValueError("--limit selects from a prompt set: use it with --prompts")
+    texts = args.prompt or load_prompts(args.prompts, limit=args.limit)
+    target, tokenizer, draft = _load_models(args)
+    decoder = speculative_decoder(target, draft, args)
+    prompts = encode_prompts(tokenizer, texts, chat=not args.no_chat_template)
     # The engine checks this too, but only when it reaches the batch: fail before any output.
     for i, ids in enumerate(prompts):
         needed = len(ids) + args.max_new_tokens + decoder.block_size
@@ -135,7 +99,7 @@ def _generate(args: argparse.Namespace) -> None:
                 f"positions, more than the {decoder.max_positions} the models support: shorten "
                 "the prompt or lower --max-new-tokens"
             )
-    stops = _stop_token_ids(target, tokenizer)
+    stops = stop_token_ids(target, tokenizer)
     # Request i samples with seed + i: reproducible whatever the batch size.
     params = [
         SamplingParams(
@@ -154,7 +118,7 @@ def _generate(args: argparse.Namespace) -> None:
     for start in range(0, len(prompts), args.batch_size):
         batch = range(start, min(start + args.batch_size, len(prompts)))
         # A batch of one streams its text; a larger batch prints each text when it is done.
-        stream = _TextStream(tokenizer, sys.stdout) if len(batch) == 1 else None
+        stream = TextStream(tokenizer, sys.stdout) if len(batch) == 1 else None
         if stream:
             print(f"=== request {start + 1}/{len(prompts)} ===", flush=True)
         t0 = time.perf_counter()
@@ -178,6 +142,21 @@ def _generate(args: argparse.Namespace) -> None:
     )
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    target, _, draft = _load_models(args)
+    decoder = SpeculativeDecoder(target, draft)
+    model = decoder.calibrate(batch_sizes=args.batch_sizes, use_cache=not args.force)
+    print(f"step cost relative to a plain one-token step ({model.key['device']}, "
+          f"{model.key['dtype']}, {model.key['threads']} threads, {model.key['kernel']}):")
+    print("    n " + "".join(f"{f'b={b}':>8}" for b in model.batch_sizes))
+    for n, row in zip(model.lengths, model.step_ms, strict=True):
+        print(f"{n:>5} " + "".join(f"{v / base:8.2f}" for v, base in zip(row, model.step_ms[0])))
+    print(f"(plain step: {', '.join(f'{v:.1f}' for v in model.step_ms[0])} ms)")
+    print(f"cached as {cost_model.cache_path(model.key)}")
+    if args.out:
+        print(f"written to {model.save(args.out)} (pass it back with --cost-model)")
+
+
 def _init_draft(args: argparse.Namespace) -> None:
     target_config = AutoConfig.from_pretrained(resolve_target(args.target), local_files_only=True)
     config = DraftConfig.for_target(
@@ -192,24 +171,6 @@ def _init_draft(args: argparse.Namespace) -> None:
         f"wrote an untrained {FUSION_ARCHITECTURE[args.fusion]} to {args.out}: "
         f"{args.layers} layers, target layers {config.target_layer_ids}, "
         f"block size {args.block_size}, mask token {config.mask_token_id}"
-    )
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_target_argument(p: argparse.ArgumentParser) -> None:
-    """``--target``, as every verb that loads a target takes it."""
-    p.add_argument(
-        "--target",
-        default="smollm2-135m",
-        metavar="TARGET",
-        help=f"built-in offline target ({', '.join(TARGET_ALIASES)}) or a local HF model "
-        "folder (default: %(default)s)",
     )
 
 
@@ -239,11 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts", metavar="SET", help=f"a bundled prompt set: {', '.join(PROMPT_SETS)}"
     )
     gen.add_argument(
-        "--limit", type=_positive, metavar="N", help="use the first N prompts of --prompts"
+        "--limit", type=positive, metavar="N", help="use the first N prompts of --prompts"
     )
     gen.add_argument(
         "--max-new-tokens",
-        type=_positive,
+        type=positive,
         default=128,
         metavar="N",
         help="tokens to generate per request (default: 128)",
@@ -259,15 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="sampling seed, request i uses seed + i; also seeds the untrained draft (default: 0)",
     )
-    gen.add_argument(
-        "--block-size",
-        type=_positive,
-        metavar="N",
-        help="tokens per verify step (default: the draft's block size, at most 2 on CPU)",
-    )
+    add_verify_length_arguments(gen)
     gen.add_argument(
         "--batch-size",
-        type=_positive,
+        type=positive,
         default=8,
         metavar="N",
         help="requests decoded together; a batch of one streams its text (default: 8)",
@@ -285,6 +241,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(run=_generate)
 
+    cal = commands.add_parser(
+        "calibrate",
+        help="measure the step costs that choose the verify length, and cache them",
+        description="Time decode steps that verify n = 1 .. B tokens (B: the draft's block) "
+        "at several batch sizes on this device, dtype and thread count, print their cost "
+        "relative to a plain one-token step and cache them: the adaptive verify length of "
+        "generate, demo and serve reads them (they calibrate on first use otherwise).",
+    )
+    add_target_argument(cal)
+    cal.add_argument("--draft", metavar="PATH", help="draft folder (default: as generate)")
+    cal.add_argument(
+        "--batch-sizes",
+        type=positive,
+        nargs="+",
+        metavar="B",
+        help="batch sizes to time (default: 1, 2, 4, .. 16 on CPU, .. 64 on a GPU)",
+    )
+    cal.add_argument("--out", metavar="FILE", help="also write the cost model to FILE")
+    cal.add_argument("--force", action="store_true", help="re-measure even if cached")
+    cal.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
+    cal.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda[:i] (default: cuda when available, else cpu)",
+    )
+    cal.set_defaults(run=_calibrate, seed=0, block_size=None)
+
     init = commands.add_parser(
         "init-draft",
         help="write a randomly initialised draft checkpoint for a target",
@@ -296,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True, metavar="DIR", help="output folder")
     init.add_argument(
         "--layers",
-        type=_positive,
+        type=positive,
         default=DRAFT_LAYERS,
         metavar="N",
         help=f"draft layers (default: {DRAFT_LAYERS})",
@@ -309,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument(
         "--block-size",
-        type=_positive,
+        type=positive,
         default=BLOCK_SIZE,
         metavar="N",
         help=f"block size (default: {BLOCK_SIZE})",

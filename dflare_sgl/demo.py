@@ -22,17 +22,20 @@ from tqdm.auto import tqdm
 
 from dflare_sgl import evaluation
 from dflare_sgl.bundled import default_draft
-from dflare_sgl.cli import (
+from dflare_sgl.cli_helpers import (
     DTYPES,
-    _device,
-    _encode_prompts,
-    _positive,
-    _stop_token_ids,
-    _TextStream,
+    TextStream,
     add_target_argument,
+    add_verify_length_arguments,
+    encode_prompts,
+    positive,
+    speculative_decoder,
+    stop_token_ids,
+    verify_length_summary,
 )
+from dflare_sgl.cli_helpers import device as checked_device
 from dflare_sgl.draft_model import DFlareDraftModel
-from dflare_sgl.engine import SpeculativeDecoder, pooled_tau
+from dflare_sgl.engine import pooled_tau
 from dflare_sgl.prompts import load_prompts
 from dflare_sgl.skinny_linear import use_skinny_linear
 from dflare_sgl.target import load_target
@@ -57,7 +60,7 @@ def summary_line(target_run: evaluation.DecodeRun, spec_run: evaluation.DecodeRu
 
 
 def _demo(args: argparse.Namespace) -> None:
-    dtype, device = DTYPES[args.dtype], _device(args.device)
+    dtype, device = DTYPES[args.dtype], checked_device(args.device)
     draft_path = args.draft or default_draft(args.target)
     if draft_path is None:
         raise ValueError(
@@ -67,12 +70,10 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"dflare demo: {args.target} + draft {draft_path} on {device} ({args.dtype})", flush=True)
     target, tokenizer = load_target(args.target, dtype=dtype, device=device)
     draft = DFlareDraftModel.from_pretrained(draft_path, dtype=dtype, device=device)
-    decoder = SpeculativeDecoder(target, draft)
-    prompts = _encode_prompts(tokenizer, texts, chat=True)
-    stops = _stop_token_ids(target, tokenizer)
-    # One short untimed pass each, so neither timed run pays for first-call set-up.
+    prompts = encode_prompts(tokenizer, texts, chat=True)
+    stops = stop_token_ids(target, tokenizer)
+    # One short untimed pass before each timed run, so none pays for first-call set-up.
     evaluation.hf_greedy(target, prompts[:1], 4, stops)
-    evaluation.speculative(decoder, prompts[:1], 4, stops)
 
     n, new = len(prompts), args.max_new_tokens
     with tqdm(total=n, unit="prompt", desc="target alone", file=sys.stdout) as bar:
@@ -84,9 +85,17 @@ def _demo(args: argparse.Namespace) -> None:
         desc = "target alone, skinny_linear"
         with tqdm(total=n, unit="prompt", desc=desc, file=sys.stdout) as bar:
             skinny = evaluation.hf_greedy(target, prompts, new, stops, on_done=bar.update)
-    print(f"--- prompt 1/{n}, decoded with DFlare (block {decoder.block_size}) ---", flush=True)
+    # After the kernel switch: the step costs the verify length is chosen from depend on it.
+    decoder = speculative_decoder(target, draft, args)
+    evaluation.speculative(decoder, prompts[:1], 4, stops)
+    verify = "adaptive" if decoder.adaptive else "fixed"
+    print(
+        f"--- prompt 1/{n}, decoded with DFlare (verify length {verify}, up to "
+        f"{decoder.block_size}) ---",
+        flush=True,
+    )
     print(texts[0].strip(), "\n---", flush=True)
-    stream = _TextStream(tokenizer, sys.stdout)
+    stream = TextStream(tokenizer, sys.stdout)
     first = evaluation.speculative(
         decoder, prompts[:1], new, stops, on_commit=lambda _i, row, tokens: stream(row, tokens)
     )
@@ -98,6 +107,7 @@ def _demo(args: argparse.Namespace) -> None:
         f"target alone {alone.tokens_per_s:.1f} tok/s, with DFlare {spec.tokens_per_s:.1f} tok/s "
         f"({spec.num_tokens} tokens, {n} prompts, {torch.get_num_threads()} threads)"
     )
+    print(f"tokens verified per step: {verify_length_summary(spec.results)}")
     if skinny is not None:
         print(
             f"of that: target alone on skinny_linear {skinny.tokens_per_s:.1f} tok/s "
@@ -122,14 +132,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     demo.add_argument(
         "--prompts-per-set",
-        type=_positive,
+        type=positive,
         default=3,
         metavar="N",
         help=f"first N prompts of each of {', '.join(DEMO_SETS)} (default: 3)",
     )
     demo.add_argument(
-        "--max-new-tokens", type=_positive, default=128, metavar="N", help="(default: 128)"
+        "--max-new-tokens", type=positive, default=128, metavar="N", help="(default: 128)"
     )
+    add_verify_length_arguments(demo)
     demo.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
     demo.add_argument(
         "--device",

@@ -1,12 +1,17 @@
 """Lossless block speculative decoding in plain PyTorch: the reference engine.
 
-One step for a batch of requests (DESIGN.md section 3)::
+One step for a batch of requests (DESIGN.md section 3), verifying n tokens::
 
-    draft:   [x_last, MASK x (B-1)] --one draft forward--> d_1 .. d_{B-1}   (greedy)
-    verify:  target([x_last, d_1 .. d_{B-1}]) -> logits z_0 .. z_{B-1}      (one causal pass)
+    draft:   [x_last, MASK x (n-1)] --one draft forward--> d_1 .. d_{n-1}   (greedy)
+    verify:  target([x_last, d_1 .. d_{n-1}]) -> logits z_0 .. z_{n-1}      (one causal pass)
     accept:  t_k = sample(z_k); keep d_k while d_k == t_{k-1}; bonus = t_a  (verify_block)
     commit:  accepted + bonus; the target KV of rejected positions is masked / dropped, and the
              draft gets the committed tokens' target hidden states as new context (layer_mix_kv)
+
+The verify length n is chosen each step, from 1 (plain decoding: no draft pass, the target
+decodes x_last alone) to the draft's block B, by :mod:`dflare_sgl.verify_length` from the
+running acceptance and the measured step costs (:mod:`dflare_sgl.cost_model`), unless the
+caller fixes it. The output never depends on n.
 
 Sampling is Gumbel-max with noise that depends only on (request seed, position, token id), so
 every committed token equals what target-only sampling with the same noise would emit: the
@@ -25,64 +30,23 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch.profiler import record_function
 from transformers import DynamicCache, PreTrainedModel
 
+from dflare_sgl import cost_model as step_costs
+from dflare_sgl.cost_model import CostModel
 from dflare_sgl.draft_model import DFlareDraftModel, capture_target_hidden
 from dflare_sgl.layer_mix import layer_mix_kv
+from dflare_sgl.request import (  # noqa: F401  (public names importable from the engine)
+    GenerationResult,
+    SamplingParams,
+    pooled_tau,
+    verify_length_counts,
+)
 from dflare_sgl.verify import sample_rows, verify_block
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding settings. ``temperature <= 0`` is greedy; ``top_k <= 0`` and
-    ``top_p >= 1`` switch those filters off. Generation ends after ``max_new_tokens`` tokens
-    or on the first of ``stop_token_ids`` (which is kept in the output)."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class GenerationResult:
-    """What one request produced, with its speculative-decoding statistics."""
-
-    tokens: list[int] = field(default_factory=list)
-    # Tokens committed by each draft+verify step (accepted drafts + the bonus token): the
-    # per-step acceptance length tau. The first token comes from prefill, not a step.
-    accept_lengths: list[int] = field(default_factory=list)
-    num_drafted: int = 0
-    num_accepted: int = 0
-    wall_time_s: float = 0.0
-    finish_reason: str = "length"
-
-    @property
-    def tau(self) -> float:
-        """Mean tokens committed per target forward in the decode phase."""
-        return sum(self.accept_lengths) / max(len(self.accept_lengths), 1)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.tokens) / self.wall_time_s if self.wall_time_s > 0 else 0.0
-
-
-def pooled_tau(results: Sequence[GenerationResult]) -> float:
-    """Tau over all the decode steps of several requests (each step weighs the same)."""
-    steps = sum(len(r.accept_lengths) for r in results)
-    return sum(sum(r.accept_lengths) for r in results) / max(steps, 1)
+from dflare_sgl.verify_length import AdaptiveVerifyLength, FixedVerifyLength, VerifyLengthPolicy
 
 
 def _drop_cache_tail(cache: DynamicCache, length: int) -> None:
@@ -93,24 +57,6 @@ def _drop_cache_tail(cache: DynamicCache, length: int) -> None:
         cache.crop(-removed)
 
 
-# On CPU a verify pass costs more the more tokens it checks, while on a GPU the cost stays flat
-# well past 16 tokens. With torch.ops.dflare.skinny_linear (SmolLM2-135M, 2 cores) a 2-token
-# pass costs about a 1-token decode, 4 tokens ~1.2-1.6x; the CPU-trained bundled draft's second
-# drafted token is right in under 1 step of 10. Measured end to end (benchmarks/RESULTS.md,
-# stop 15) B=2 is then the fastest CPU block (B=4 loses 0.1-0.15x), so CPU decoding verifies
-# this many tokens per step unless told otherwise. A draft right more often pays for a longer
-# block: re-measure with `bench_engine.py --skinny-linear --block-size B` when one ships.
-CPU_MAX_BLOCK_SIZE = 2
-
-
-def default_block_size(draft_block_size: int, device: torch.device) -> int:
-    """Tokens verified per step when the caller does not choose: the draft's training block,
-    capped at :data:`CPU_MAX_BLOCK_SIZE` on CPU."""
-    if device.type == "cpu":
-        return min(draft_block_size, CPU_MAX_BLOCK_SIZE)
-    return draft_block_size
-
-
 class SpeculativeDecoder:
     """Batched DFlare / DFlash speculative decoding of an HF causal LM target.
 
@@ -118,8 +64,12 @@ class SpeculativeDecoder:
       target: HF causal LM (Llama, Qwen3, ...) whose forward returns ``hidden_states``; its
         input embedding and output head are the draft's too.
       draft: a draft model for this target (checked with ``draft.check_compatible``).
-      block_size: tokens verified per step (x_last + B-1 drafts); default
-        :func:`default_block_size` (the draft's, at most 2 on CPU).
+      block_size: fix the tokens verified per step (x_last + B-1 drafts; 1 = plain
+        decoding). Default: chosen each step (:class:`AdaptiveVerifyLength`, up to the
+        draft's block size) from the running acceptance and ``cost_model``.
+      cost_model: the measured step costs for the adaptive choice. Default: the cached
+        calibration for this device, models, dtype and thread count, made (in ~1 minute)
+        the first time :meth:`generate` runs without one (:mod:`dflare_sgl.cost_model`).
       draft_head_dtype: dtype of the draft's token head (the target's ``lm_head`` weights,
         copied once). Draft tokens only decide what gets accepted, never what is committed,
         so a lower precision cannot change the output. Default: bfloat16 for a float32 target
@@ -145,14 +95,19 @@ class SpeculativeDecoder:
         draft: DFlareDraftModel,
         block_size: int | None = None,
         draft_head_dtype: torch.dtype | None = None,
+        cost_model: CostModel | None = None,
     ) -> None:
         draft.check_compatible(target.config)
         self.target = target.eval()
         self.draft = draft.eval()
         self.device = next(target.parameters()).device
-        self.block_size = int(block_size or default_block_size(draft.block_size, self.device))
-        if self.block_size < 2:
-            raise ValueError(f"block_size must be >= 2 (one token plus drafts), got {block_size}")
+        # The longest verify step: the draft's own block unless fixed.
+        self.block_size = int(draft.block_size if block_size is None else block_size)
+        self.adaptive = block_size is None
+        self.verify_length: VerifyLengthPolicy = FixedVerifyLength(self.block_size)
+        self.cost_model = cost_model
+        if self.adaptive and cost_model is not None:
+            self.set_cost_model(cost_model)
         self.draft_dtype = next(draft.parameters()).dtype
         with torch.no_grad():  # stacked once; the op takes plain tensors, not parameters
             self.mix_weights = draft.layer_mix_weights()
@@ -176,18 +131,61 @@ class SpeculativeDecoder:
             self.mix_weights.cos_sin_cache.shape[0],
         )
 
+    # -- verify length ---------------------------------------------------------------------
+
+    def set_cost_model(self, model: CostModel) -> None:
+        """Choose verify lengths adaptively from ``model``'s costs (refused if it was
+        measured for another setting or does not reach the block size)."""
+        model.check_key(step_costs.decoder_key(self), "the cost model")
+        if model.max_length < self.block_size:
+            raise ValueError(
+                f"the cost model stops at verify length {model.max_length}, the draft's block "
+                f"is {self.block_size}: re-run `dflare calibrate --force` for this draft"
+            )
+        self.cost_model = model
+        self.verify_length = AdaptiveVerifyLength(self.block_size, model.relative)
+
+    def calibrate(
+        self, batch_sizes: Sequence[int] | None = None, use_cache: bool = True
+    ) -> CostModel:
+        """Use this setting's step costs: cached ones if ``use_cache`` and there are any, else
+        measured now (verify lengths up to ``block_size``) and cached."""
+        model = step_costs.load_or_calibrate(
+            step_costs.decoder_key(self),
+            lambda lengths, b: step_costs.measure_steps_ms(self, lengths, b),
+            step_costs.default_lengths(self.block_size),
+            tuple(batch_sizes or step_costs.default_batch_sizes(self.device)),
+            use_cache=use_cache,
+        )
+        self.set_cost_model(model)
+        return model
+
     @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
         on_commit: Callable[[int, list[int]], None] | None = None,
+        verify_length: VerifyLengthPolicy | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
     ) -> list[GenerationResult]:
         """Decode every prompt (token ids) to completion.
 
         ``params`` is one setting for all requests or one per request. ``on_commit(i, tokens)``
         is called with each request's newly committed tokens as they appear (streaming).
+        ``verify_length`` overrides the decoder's policy for this call (its ``max_length`` must
+        not exceed ``block_size``); ``on_step(n, batch_size, seconds)`` reports each step's
+        verify length, batch and wall time (on a GPU it then synchronises every step).
         """
+        if verify_length is None:
+            if self.adaptive and self.cost_model is None:
+                self.calibrate()
+            verify_length = self.verify_length
+        if verify_length.max_length > self.block_size:
+            raise ValueError(
+                f"verify length up to {verify_length.max_length} exceeds block_size "
+                f"{self.block_size}"
+            )
         start = time.perf_counter()
         bs = len(prompts)
         plist = [params] * bs if isinstance(params, SamplingParams) else list(params)
@@ -229,6 +227,7 @@ class SpeculativeDecoder:
                 return False
             return len(results[i].tokens) < plist[i].max_new_tokens
 
+        verify_length.begin(bs)
         x_last, seq_lens = self._prefill(prompts, lens, budget, temps, top_k, top_p, seeds)
         # Request ids still decoding, in target-cache batch order.
         active = [
@@ -237,6 +236,8 @@ class SpeculativeDecoder:
         self._select_target_rows(active, list(range(bs)))
 
         while active:
+            t0 = time.perf_counter()
+            n = verify_length.choose(active)
             with record_function("dflare.step"):
                 ids = torch.tensor(active, device=dev)
                 remaining = torch.tensor(
@@ -252,21 +253,29 @@ class SpeculativeDecoder:
                     top_p,
                     seeds,
                     stops,
+                    n,
                 )
                 seq_lens[ids] = out.new_seq_lens
                 n_committed, committed = out.num_committed.tolist(), out.committed.tolist()
+                accept_lens = out.accept_lens.tolist()
+                verify_length.observe(active, n, accept_lens)
                 still = []
                 for row, i in enumerate(active):
                     new = committed[row][: n_committed[row]]
                     r = results[i]
                     r.accept_lengths.append(len(new))
-                    r.num_drafted += B - 1
-                    r.num_accepted += int(out.accept_lens[row])
+                    r.verify_lengths.append(n)
+                    r.num_drafted += n - 1
+                    r.num_accepted += accept_lens[row]
                     x_last[i] = new[-1]
                     if commit(i, new):
                         still.append(i)
                 self._select_target_rows(still, active)
-                active = still
+            if on_step is not None:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                on_step(n, len(active), time.perf_counter() - t0)
+            active = still
 
         elapsed = time.perf_counter() - start
         for r in results:
@@ -289,7 +298,9 @@ class SpeculativeDecoder:
         positions = (valid.cumsum(-1) - 1).clamp_min(0)
         self.target_cache = DynamicCache()
         self.target_valid = valid
-        out = self._target_forward(input_ids, valid, positions)
+        # Only the last column's logits: the prompt's others are never read (a prefill's
+        # [bs, width, V] head product would cost as much as a few decode steps).
+        out = self._target_forward(input_ids, valid, positions, logits_to_keep=1)
         seq_lens = torch.tensor(lens, dtype=torch.int64, device=dev)
         first = sample_rows(out.logits[:, -1].float(), seq_lens - 1, temps, top_k, top_p, seeds)
 
@@ -308,8 +319,9 @@ class SpeculativeDecoder:
         self._write_context(hidden[rows], rows[0] * capacity + req_pos, req_pos)
         return first, seq_lens
 
-    def _target_forward(self, input_ids, valid, positions):
-        """Target pass appending to the cache; ``valid`` [bs, columns] masks pads and holes."""
+    def _target_forward(self, input_ids, valid, positions, logits_to_keep: int = 0):
+        """Target pass appending to the cache; ``valid`` [bs, columns] masks pads and holes.
+        ``logits_to_keep``: logits of only the last that many columns (0: all)."""
         return self.target(
             input_ids=input_ids,
             attention_mask=valid.long(),
@@ -317,6 +329,7 @@ class SpeculativeDecoder:
             use_cache=True,
             **{self._cache_arg: self.target_cache},
             output_hidden_states=True,
+            logits_to_keep=logits_to_keep,
         )
 
     def _write_context(self, hidden, slots, positions):
@@ -330,31 +343,19 @@ class SpeculativeDecoder:
             self.v_caches,
         )
 
-    def _step(self, ids, x_last, seq_lens, remaining, temps, top_k, top_p, seeds, stops):
-        """One draft + verify + commit step for the active requests ``ids``."""
-        B, bs = self.block_size, ids.numel()
+    def _step(self, ids, x_last, seq_lens, remaining, temps, top_k, top_p, seeds, stops, B):
+        """One step verifying ``B`` tokens (``B - 1`` drafts) for the active requests ``ids``."""
+        bs = ids.numel()
         offsets = torch.arange(B, device=self.device)
         block_pos = seq_lens[:, None] + offsets  # [bs, B]
         block_slots = ids[:, None] * self.capacity + block_pos
 
-        # Draft: one forward over [x_last, MASK...] conditioned on the cached context.
+        # Draft: one forward over [x_last, MASK...] conditioned on the cached context (none
+        # for B = 1: plain decoding).
         block = torch.full((bs, B), self.draft.mask_token_id, dtype=torch.int64, device=self.device)
         block[:, 0] = x_last
-        ctx_len = int(seq_lens.max())
-        ctx_slots = ids[:, None] * self.capacity + torch.arange(ctx_len, device=self.device)
-        with record_function("dflare.draft"):
-            hidden = self.draft.draft_block(
-                self.embed(block).to(self.draft_dtype),
-                block_pos,
-                self.k_caches,
-                self.v_caches,
-                ctx_slots,
-                seq_lens,
-            )
-        with record_function("dflare.draft_head"):
-            head = self.draft_head
-            drafted = torch.nn.functional.linear(hidden[:, 1:].to(head.dtype), head).argmax(-1)
-            block[:, 1:] = drafted if self.draft_vocab is None else self.draft_vocab[drafted]
+        if B > 1:
+            self._draft_into(block, ids, block_pos, seq_lens)
 
         # Verify: one causal target pass over the block, appended after the cache columns.
         past = self.target_cache.get_seq_length()
@@ -389,6 +390,24 @@ class SpeculativeDecoder:
             hidden = capture_target_hidden(out.hidden_states, self.draft.target_layer_ids)
             self._write_context(hidden.flatten(0, 1), block_slots.flatten(), block_pos.flatten())
         return res
+
+    def _draft_into(self, block, ids, block_pos, seq_lens):
+        """Fill ``block[:, 1:]`` with the draft's greedy tokens."""
+        ctx_len = int(seq_lens.max())
+        ctx_slots = ids[:, None] * self.capacity + torch.arange(ctx_len, device=self.device)
+        with record_function("dflare.draft"):
+            hidden = self.draft.draft_block(
+                self.embed(block).to(self.draft_dtype),
+                block_pos,
+                self.k_caches,
+                self.v_caches,
+                ctx_slots,
+                seq_lens,
+            )
+        with record_function("dflare.draft_head"):
+            head = self.draft_head
+            drafted = torch.nn.functional.linear(hidden[:, 1:].to(head.dtype), head).argmax(-1)
+            block[:, 1:] = drafted if self.draft_vocab is None else self.draft_vocab[drafted]
 
     def _select_target_rows(self, keep: list[int], current: list[int]) -> None:
         """Drop finished requests from the target cache batch (``current`` -> ``keep``)."""

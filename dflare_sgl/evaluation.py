@@ -127,11 +127,13 @@ def speculative(
 
 @dataclass
 class Acceptance:
-    """Acceptance statistics of speculative steps with block size ``block_size``.
+    """Acceptance statistics of speculative steps verifying up to ``block_size`` tokens.
 
     ``histogram[k]``: steps that committed ``k + 1`` tokens (k accepted drafts + the bonus).
-    ``rate_by_position[k]``: fraction of steps whose draft ``k + 1`` was accepted, i.e. that
-    committed more than ``k + 1`` tokens (drafts are accepted as a prefix).
+    ``rate_by_position[k]``: among the steps that verified draft ``k + 1``, the share that
+    accepted it, i.e. committed more than ``k + 1`` tokens (drafts are accepted as a prefix).
+    A step's verify length is its ``GenerationResult.verify_lengths`` entry (``block_size``
+    where a result has none), so steps that chose a shorter block do not count as rejections.
     """
 
     tau: float
@@ -141,10 +143,18 @@ class Acceptance:
 
 
 def acceptance(results: Sequence[GenerationResult], block_size: int) -> Acceptance:
-    lengths = [n for r in results for n in r.accept_lengths]
+    steps = [
+        (committed, verified)
+        for r in results
+        for committed, verified in zip(
+            r.accept_lengths, r.verify_lengths or [block_size] * len(r.accept_lengths)
+        )
+    ]
     histogram = [0] * block_size
-    for n in lengths:
-        histogram[min(n, block_size) - 1] += 1
-    steps = len(lengths)
-    rates = [sum(histogram[k + 1 :]) / steps if steps else 0.0 for k in range(block_size - 1)]
-    return Acceptance(pooled_tau(results), steps, histogram, rates)
+    for committed, _ in steps:
+        histogram[min(committed, block_size) - 1] += 1
+    rates = []
+    for k in range(block_size - 1):
+        seen = [committed for committed, verified in steps if verified >= k + 2]
+        rates.append(sum(c > k + 1 for c in seen) / len(seen) if seen else 0.0)
+    return Acceptance(pooled_tau(results), len(steps), histogram, rates)

@@ -18,8 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from dflare_sgl.cli import _TextStream
-from dflare_sgl.engine import CPU_MAX_BLOCK_SIZE
+from dflare_sgl.cli_helpers import TextStream
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is the capital of France?"
@@ -84,6 +83,7 @@ def _target_greedy(target, text: str, max_new_tokens: int) -> str:
 def test_generate_with_draft_equals_target_greedy(drafts, smollm2_target):
     # The DFlash-format draft here; the untrained default draft below is DFlare-format.
     args = ["--draft", str(drafts["shared"]), "--prompt", QUESTION, "--max-new-tokens", "5"]
+    args += ["--block-size", "3"]
     run = dflare("generate", "--target", "smollm2-135m", *args)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr and "untrained" not in run.stderr
@@ -93,13 +93,13 @@ def test_generate_with_draft_equals_target_greedy(drafts, smollm2_target):
     assert lines[1] == _target_greedy(smollm2_target, QUESTION, 5)
     stats = re.fullmatch(
         r"--- 5 tokens \(length\), [\d.]+ tok/s \| tau ([\d.]+) over (\d+) steps \| "
-        r"drafted (\d+), accepted (\d+) \([\d.]+%\)",
+        r"drafted (\d+), accepted (\d+) \([\d.]+%\) \| verified n=3 100%",
         lines[2],
     )
     assert stats, lines[2]
     tau, steps, drafted, accepted = float(stats[1]), *map(int, stats.group(2, 3, 4))
-    # The draft's block is 4, capped on CPU: B - 1 drafts per step.
-    assert drafted == (min(4, CPU_MAX_BLOCK_SIZE) - 1) * steps
+    # --block-size 3: 2 drafts per step.
+    assert drafted == 2 * steps
     assert tau == round(4 / steps, 2)  # 5 tokens, the first from prefill, 4 from the steps
     assert accepted <= 4 - steps  # each step commits its accepted drafts plus one token
     assert lines[3].startswith("=== all 1 request(s): 5 tokens in ")
@@ -125,7 +125,7 @@ def test_text_stream_matches_the_full_decode(smollm2_target):
     text = "Naïve café: 😀 ok, 東京 done."
     tokens = tok.encode(text, add_special_tokens=False)
     out = io.StringIO()
-    stream = _TextStream(tok, out)
+    stream = TextStream(tok, out)
     pieces = []
     for t in tokens:  # one token per commit splits the multi-byte characters
         before = out.tell()

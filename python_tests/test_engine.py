@@ -15,12 +15,7 @@ from scipy.stats import chisquare
 from transformers import DynamicCache
 
 from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
-from dflare_sgl.engine import (
-    CPU_MAX_BLOCK_SIZE,
-    SamplingParams,
-    SpeculativeDecoder,
-    default_block_size,
-)
+from dflare_sgl.engine import SamplingParams, SpeculativeDecoder
 from dflare_sgl.prompts import load_prompts
 from dflare_sgl.verify import sample_rows
 
@@ -262,16 +257,15 @@ def test_errors(target, prompts):
         decoder.generate([prompts[0]], SamplingParams(max_new_tokens=10**6))
     with pytest.raises(ValueError, match="at least one token"):
         decoder.generate([[]], SamplingParams(4))
-    with pytest.raises(ValueError, match="block_size"):
-        SpeculativeDecoder(model, _draft(model, "layerwise", 1), block_size=1)
+    with pytest.raises(ValueError, match=">= 1"):
+        SpeculativeDecoder(model, _draft(model, "layerwise", 1), block_size=0)
 
 
-def test_default_block_size_is_capped_on_cpu(target):
-    """Unless told otherwise, the engine verifies the draft's block on a GPU and at most
-    CPU_MAX_BLOCK_SIZE tokens on CPU (where a wider verify pass costs more)."""
+def test_default_verify_length_is_adaptive_up_to_the_drafts_block(target):
+    """Unless told otherwise, the engine chooses each step's verify length (up to the draft's
+    block, :mod:`dflare_sgl.verify_length`); ``block_size`` fixes it."""
     model, _ = target
-    assert SpeculativeDecoder(model, _draft(model, "layerwise", 1)).block_size == CPU_MAX_BLOCK_SIZE
-    assert SpeculativeDecoder(model, _draft(model, "layerwise", 1, block_size=2)).block_size == 2
-    assert SpeculativeDecoder(model, _draft(model, "layerwise", 1), block_size=5).block_size == 5
-    assert default_block_size(16, torch.device("cuda")) == 16
-    assert default_block_size(16, torch.device("cpu")) == CPU_MAX_BLOCK_SIZE
+    adaptive = SpeculativeDecoder(model, _draft(model, "layerwise", 1))
+    assert adaptive.adaptive and adaptive.block_size == 16
+    fixed = SpeculativeDecoder(model, _draft(model, "layerwise", 1), block_size=5)
+    assert not fixed.adaptive and fixed.block_size == 5

@@ -356,7 +356,8 @@ def test_fsdp_two_processes(tmp_path, tiny_target, tiny_data):
         assert draft.config.num_hidden_layers == 2
     target, _ = load_target(tiny_target)
     prompts = [ids[~mask].tolist() for ids, mask in load_sequences(Path(tiny_data))[:3]]
-    results = SpeculativeDecoder(target, draft).generate(prompts, SamplingParams(max_new_tokens=16))
+    decoder = SpeculativeDecoder(target, draft, block_size=4)
+    results = decoder.generate(prompts, SamplingParams(max_new_tokens=16))
     for prompt, res in zip(prompts, results, strict=True):
         ref = target.generate(
             torch.tensor([prompt]),

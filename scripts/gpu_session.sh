@@ -8,7 +8,8 @@
 #   bash scripts/gpu_session.sh ops       # device call 1, carry [".gpu/a"]: build the extension
 #                                         #   for sm_90, the CUDA tests, both op benchmarks
 #   bash scripts/gpu_session.sh e2e       # device call 2, carry [".gpu/b"]: the target from the
-#                                         #   GGUF, the engine's speedup with the bundled draft
+#                                         #   GGUF, the engine's speedup with the bundled draft,
+#                                         #   step costs by verify length, adaptive vs fixed n
 #   bash scripts/gpu_session.sh train     # device call 3: gen-data and training of a new draft
 #                                         #   (bf16 weights come back in $OUT/draft)
 #
@@ -98,6 +99,18 @@ PY
     "$PY" benchmarks/bench_engine.py "${bench[@]}" --dtype bfloat16 --prompts $set \
       --batch-size 1 4 8 --repeats "$BENCH_REPEATS" 2>&1 | tee -a "$OUT/bench_engine.log"
   done
+  # The verify length on a GPU: what a step verifying n tokens costs against a 1-token decode
+  # as the batch grows (flat in n until the batch fills the device), and whether the adaptive
+  # choice keeps up with the best fixed n at every batch size.
+  step "calibrate: step cost by verify length and batch size (bf16)"
+  "$PY" -m dflare_sgl.cli calibrate --device "$DEVICE" --dtype bfloat16 --batch-sizes 1 4 16 64 \
+    --out "$OUT/cost_model_bf16.json" 2>&1 | tr '\r' '\n' | grep -v 'calibrating' \
+    | tee "$OUT/calibrate.log"
+  step "adaptive vs fixed verify lengths (bf16)"
+  "$PY" benchmarks/bench_verify_length.py --device "$DEVICE" --dtype bfloat16 \
+    --drafts bundled oracle:0.5 oracle:0.2 --batch-sizes 1 4 16 --prompts-per-set 8 \
+    --max-new-tokens 64 --repeats 1 2>&1 | tr '\r' '\n' | grep -v 'calibrating' \
+    | tee "$OUT/bench_verify_length.log"
   step "done"
   exit 0
 fi

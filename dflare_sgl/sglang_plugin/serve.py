@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dflare_sgl.bundled import default_draft
-from dflare_sgl.cli import add_target_argument
+from dflare_sgl.cli_helpers import add_target_argument
 from dflare_sgl.sglang_plugin.cpu_compat import engine_env
 from dflare_sgl.target import resolve_target
 

@@ -13,7 +13,7 @@ from dataclasses import fields
 
 import torch
 
-from dflare_sgl.cli import _device, _positive, add_target_argument
+from dflare_sgl.cli_helpers import add_target_argument, device, nonnegative, positive
 from dflare_sgl.draft_model import FUSION_ARCHITECTURE
 
 
@@ -24,7 +24,7 @@ def _config_kwargs(args: argparse.Namespace, config_type) -> dict:
 def _gen_data(args: argparse.Namespace) -> None:
     from dflare_sgl.training.generate import GenDataConfig, generate_data
 
-    args.device = _device(args.device)
+    args.device = device(args.device)
     out = generate_data(GenDataConfig(**_config_kwargs(args, GenDataConfig)))
     print(f"data in {out}")
 
@@ -32,7 +32,7 @@ def _gen_data(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from dflare_sgl.training.trainer import TrainConfig, train
 
-    args.device = _device(args.device)
+    args.device = device(args.device)
     args.gamma = args.gamma or args.gamma_schedule
     out = train(TrainConfig(**_config_kwargs(args, TrainConfig)))
     print(f"draft in {out}")
@@ -52,13 +52,6 @@ def _draft_vocab(args: argparse.Namespace) -> None:
         f"draft vocabulary: {ids.numel()} of {draft.config.vocab_size} tokens, covering "
         f"{covered:.2%} of the response tokens in {args.data}; draft in {args.out or args.draft}"
     )
-
-
-def _nonnegative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -86,14 +79,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="target: the target's own responses (default); sharegpt: the dataset's replies, "
         "no generation (pretraining data for a later fine-tune on regenerated data)",
     )
-    gen.add_argument("--limit", type=_positive, metavar="N", help="number of prompts (default all)")
-    gen.add_argument("--max-new-tokens", type=_positive, default=256, metavar="M")
-    gen.add_argument("--max-prompt-tokens", type=_positive, default=512, help="skip longer prompts")
-    gen.add_argument("--batch-size", type=_positive, default=16, metavar="B")
-    gen.add_argument("--shard-size", type=_positive, default=64, help="prompts per shard")
+    gen.add_argument("--limit", type=positive, metavar="N", help="number of prompts (default all)")
+    gen.add_argument("--max-new-tokens", type=positive, default=256, metavar="M")
+    gen.add_argument("--max-prompt-tokens", type=positive, default=512, help="skip longer prompts")
+    gen.add_argument("--batch-size", type=positive, default=16, metavar="B")
+    gen.add_argument("--shard-size", type=positive, default=64, help="prompts per shard")
     gen.add_argument(
         "--temperature",
-        type=_nonnegative,
+        type=nonnegative,
         default=0.7,
         metavar="T",
         help="0 = greedy (default: 0.7)",
@@ -121,14 +114,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default="layerwise",
         help="layerwise = DFlare, shared = DFlash (default: layerwise)",
     )
-    tr.add_argument("--layers", type=_positive, default=2, help="draft layers D (default: 2)")
+    tr.add_argument("--layers", type=positive, default=2, help="draft layers D (default: 2)")
     tr.add_argument(
         "--captured-layers",
-        type=_positive,
+        type=positive,
         metavar="T",
         help="target layers the draft reads (default: D)",
     )
-    tr.add_argument("--block-size", type=_positive, default=16)
+    tr.add_argument("--block-size", type=positive, default=16)
     init = tr.add_mutually_exclusive_group()
     init.add_argument(
         "--init-from-target",
@@ -142,15 +135,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "`gen-data --responses sharegpt` data; optimizer and schedule start afresh",
     )
     length = tr.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive, metavar="N")
+    length.add_argument("--steps", type=positive, metavar="N")
     length.add_argument("--epochs", type=float, metavar="E", help="default: 1 epoch")
     tr.add_argument("--lr", type=float, default=6e-4)
     tr.add_argument("--warmup-steps", type=int, help="default: 5%% of the steps")
-    tr.add_argument("--weight-decay", type=_nonnegative, default=0.01)
-    tr.add_argument("--batch-size", type=_positive, default=4, help="sequences per step and rank")
+    tr.add_argument("--weight-decay", type=nonnegative, default=0.01)
+    tr.add_argument("--batch-size", type=positive, default=4, help="sequences per step and rank")
     tr.add_argument(
         "--anchors",
-        type=_positive,
+        type=positive,
         default=32,
         metavar="K",
         help="blocks per sequence (default: 32)",
@@ -168,17 +161,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     tr.add_argument(
         "--focal-weight",
-        type=_nonnegative,
+        type=nonnegative,
         default=0.3,
         help="first-error focal loss weight, 0 = off (default: 0.3)",
     )
     tr.add_argument(
         "--chain-weight",
-        type=_nonnegative,
+        type=nonnegative,
         default=0.1,
         help="chain loss weight, 0 = off (default: 0.1)",
     )
-    tr.add_argument("--max-seq-len", type=_positive, default=2048)
+    tr.add_argument("--max-seq-len", type=positive, default=2048)
     tr.add_argument(
         "--cache-target-hidden",
         action="store_true",
@@ -196,12 +189,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     tr.add_argument(
         "--stop-after-steps",
-        type=_positive,
+        type=positive,
         metavar="N",
         help="stop this run after N steps (checkpointed; continue with --resume)",
     )
-    tr.add_argument("--save-every", type=_positive, default=200, metavar="N")
-    tr.add_argument("--keep-checkpoints", type=_positive, default=2)
+    tr.add_argument("--save-every", type=positive, default=200, metavar="N")
+    tr.add_argument("--keep-checkpoints", type=positive, default=2)
     tr.add_argument(
         "--eval-every",
         type=int,
@@ -209,8 +202,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="K",
         help="real tau on held-out sequences every K steps, 0 = off (default: 0)",
     )
-    tr.add_argument("--eval-prompts", type=_positive, default=4)
-    tr.add_argument("--eval-max-new-tokens", type=_positive, default=48)
+    tr.add_argument("--eval-prompts", type=positive, default=4)
+    tr.add_argument("--eval-max-new-tokens", type=positive, default=48)
     tr.add_argument("--device", default=default_device, help="cpu or cuda (default: cuda if any)")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(run=_train)
@@ -225,6 +218,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     dv.add_argument("--data", required=True, metavar="DIR", help="a gen-data folder")
     dv.add_argument("--draft", required=True, metavar="DIR", help="the draft folder to update")
-    dv.add_argument("--size", type=_positive, default=8192, metavar="N", help="default: 8192")
+    dv.add_argument("--size", type=positive, default=8192, metavar="N", help="default: 8192")
     dv.add_argument("--out", metavar="DIR", help="write here instead of updating --draft")
     dv.set_defaults(run=_draft_vocab)

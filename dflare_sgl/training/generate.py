@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dflare_sgl.cli import _encode_prompts, _stop_token_ids
+from dflare_sgl.cli_helpers import encode_prompts, stop_token_ids
 from dflare_sgl.prompts import PROMPT_SETS
 from dflare_sgl.target import load_target
 from dflare_sgl.training import data
@@ -130,7 +130,7 @@ def generate_data(cfg: GenDataConfig) -> Path:
     for prompt in data.training_prompts(source=cfg.prompts):
         if cfg.responses == "sharegpt" and not prompt.reply.strip():
             continue
-        ids = _encode_prompts(tokenizer, [prompt.text], chat=True)[0]
+        ids = encode_prompts(tokenizer, [prompt.text], chat=True)[0]
         if len(ids) <= cfg.max_prompt_tokens:
             kept.append((prompt.id, ids, prompt.reply))
         if cfg.limit is not None and len(kept) == cfg.limit:
@@ -138,7 +138,7 @@ def generate_data(cfg: GenDataConfig) -> Path:
     meta["num_prompts"] = len(kept)
     data.write_json_atomic(out / data.METADATA, meta)
 
-    stops = _stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(model, tokenizer)
     shards = [kept[i : i + cfg.shard_size] for i in range(0, len(kept), cfg.shard_size)]
     todo = [i for i in range(len(shards)) if not data.shard_path(out, i).is_file()]
     bar = tqdm(total=sum(len(shards[i]) for i in todo), unit="prompt", desc="gen-data")

@@ -1,0 +1,204 @@
+"""How many tokens to verify each step: 1 (plain decoding) up to the draft's block B.
+
+A step that verifies ``n`` tokens, ``[x_last, d_1 .. d_{n-1}]``, commits the accepted drafts
+plus one target token and costs ``cost(n, b)`` (:mod:`dflare_sgl.cost_model`). With ``p_k`` the
+chance that draft ``k`` is accepted given drafts ``1 .. k-1`` were, a request expects to commit
+
+    E[n] = 1 + sum_{j=1}^{n-1} prod_{k=1}^{j} p_k
+
+tokens, so the batch's committed tokens per unit of time are ``sum_i E_i[n] / cost(n, b)``.
+:class:`AdaptiveVerifyLength` picks the ``n`` that maximises it each step. ``n = 1`` is plain
+decoding: nothing is drafted, but the engine still writes the draft's context K/V for the
+committed token, so drafting can resume at full quality on any later step. The output never
+depends on ``n`` (verification is lossless for every length); only the speed does.
+
+One ``n`` for the whole batch: the requests share one target pass over a ``[b, n]`` block,
+and HF models have no ragged (varlen) attention, so a request verifying fewer tokens than
+its neighbours would still pay for the batch's width. The batch's choice weighs each
+request's own acceptance, so a batch of good and bad requests drafts as far as pays for all.
+
+Acceptance model: per request and per draft position, decayed counts of verified and accepted
+drafts (``decay`` per observation, so the estimate follows a request whose text turns easy or
+hard). A request's estimate leans on the batch-wide one (the same counts over all requests,
+decaying more slowly, kept across ``generate`` calls) with ``prior_weight`` pseudo-counts, so a
+new request starts from the draft's recent batch-wide record. A position nobody has seen
+yet borrows the rate of the position before it.
+
+Hysteresis and probes: the current ``n`` is kept unless another scores ``hysteresis`` better,
+so noise does not make it flap. Positions past the current ``n`` are never verified and so
+never learnt; every ``probe_interval`` steps one step verifies one token more than chosen (at
+``n = 1``: one drafted token), the interval doubling up to ``max_probe_interval`` while the
+probed draft is rejected and resetting when it is accepted. A useless draft so costs one cheap probe every
+~100 steps; a draft that has become good is noticed within a few probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+
+class VerifyLengthPolicy(Protocol):
+    """The engine asks :meth:`choose` before each step and reports back with :meth:`observe`.
+
+    Requests are the engine's request indices ``0 .. batch_size - 1`` of one ``generate``
+    call; :meth:`begin` starts a new call.
+    """
+
+    max_length: int
+
+    def begin(self, batch_size: int) -> None: ...
+
+    def choose(self, requests: Sequence[int]) -> int: ...
+
+    def observe(self, requests: Sequence[int], n: int, accept_lens: Sequence[int]) -> None: ...
+
+
+class FixedVerifyLength:
+    """Always ``n`` tokens (``--block-size N``)."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"the verify length must be >= 1 (1 = plain decoding), got {n}")
+        self.max_length = n
+
+    def begin(self, batch_size: int) -> None:
+        pass
+
+    def choose(self, requests: Sequence[int]) -> int:
+        return self.max_length
+
+    def observe(self, requests: Sequence[int], n: int, accept_lens: Sequence[int]) -> None:
+        pass
+
+
+class CyclingVerifyLength(FixedVerifyLength):
+    """``lengths`` in turn, over and over (calibration runs, tests of switching)."""
+
+    def __init__(self, lengths: Sequence[int]) -> None:
+        super().__init__(max(lengths))
+        self.lengths = list(lengths)
+        self.steps = 0
+
+    def begin(self, batch_size: int) -> None:
+        self.steps = 0
+
+    def choose(self, requests: Sequence[int]) -> int:
+        self.steps += 1
+        return self.lengths[(self.steps - 1) % len(self.lengths)]
+
+
+def expected_committed(rates: np.ndarray) -> np.ndarray:
+    """``E[n]`` for ``n = 1 .. B`` from conditional acceptance rates ``rates [..., B-1]``."""
+    reach = np.cumprod(rates, axis=-1)  # chance that drafts 1..j are all accepted
+    zeros = np.zeros(rates.shape[:-1] + (1,))
+    return 1.0 + np.concatenate([zeros, np.cumsum(reach, axis=-1)], axis=-1)
+
+
+class AdaptiveVerifyLength:
+    """Verify the length with the most expected committed tokens per unit of time.
+
+    Args:
+      max_length: the longest block (the draft's ``block_size``).
+      cost: ``cost(n, b)``, a step verifying ``n`` tokens for ``b`` requests relative to a
+        plain one-token step (:meth:`dflare_sgl.cost_model.CostModel.relative`).
+      initial_rate: the batch-wide acceptance rate assumed before any step is seen.
+    """
+
+    def __init__(
+        self,
+        max_length: int,
+        cost: Callable[[int, int], float],
+        decay: float = 0.9,
+        batch_decay: float = 0.98,
+        prior_weight: float = 2.0,
+        initial_rate: float = 0.5,
+        hysteresis: float = 0.05,
+        probe_interval: int = 8,
+        max_probe_interval: int = 128,
+    ) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.max_length, self.cost = max_length, cost
+        self.decay, self.batch_decay = decay, batch_decay
+        self.prior_weight, self.initial_rate = prior_weight, initial_rate
+        self.hysteresis = hysteresis
+        self.min_probe_interval, self.max_probe_interval = probe_interval, max_probe_interval
+        positions = max_length - 1
+        self.batch_accepted = np.zeros(positions)
+        self.batch_verified = np.zeros(positions)
+        self.length: int | None = None  # the current choice, kept across generate calls
+        self.probe_interval = probe_interval
+        self._since_probe = 0
+        self._probing = False
+        self.begin(0)
+
+    def begin(self, batch_size: int) -> None:
+        self.accepted = np.zeros((batch_size, self.max_length - 1))
+        self.verified = np.zeros((batch_size, self.max_length - 1))
+
+    def batch_rates(self) -> np.ndarray:
+        """Batch-wide acceptance rate of each position ``[B-1]``."""
+        rates = np.empty(self.max_length - 1)
+        prior, w = self.initial_rate, self.prior_weight
+        for k in range(rates.size):
+            rates[k] = (self.batch_accepted[k] + w * prior) / (self.batch_verified[k] + w)
+            prior = rates[k]
+        return rates
+
+    def rates(self, requests: Sequence[int]) -> np.ndarray:
+        """Each request's acceptance rate by position ``[len(requests), B-1]``."""
+        rows, w = list(requests), self.prior_weight
+        return (self.accepted[rows] + w * self.batch_rates()) / (self.verified[rows] + w)
+
+    def scores(self, requests: Sequence[int]) -> np.ndarray:
+        """Expected committed tokens per unit of step time for ``n = 1 .. B`` ``[B]``."""
+        b = len(requests)
+        expected = expected_committed(self.rates(requests)).sum(axis=0)
+        costs = np.array([self.cost(n, b) for n in range(1, self.max_length + 1)])
+        return expected / costs
+
+    def choose(self, requests: Sequence[int]) -> int:
+        scores = self.scores(requests)
+        best = int(scores.argmax()) + 1
+        current = self.length
+        if current is None or scores[best - 1] > scores[current - 1] * (1 + self.hysteresis):
+            current = best
+        self.length = current
+        self._since_probe += 1
+        if current < self.max_length and self._since_probe >= self.probe_interval:
+            self._since_probe = 0
+            self._probing = True
+            return current + 1
+        return current
+
+    def observe(self, requests: Sequence[int], n: int, accept_lens: Sequence[int]) -> None:
+        """Record a step that verified ``n`` tokens: request ``requests[r]`` had its first
+        ``accept_lens[r]`` drafts accepted (before any stop or budget cut)."""
+        a = np.asarray(accept_lens, dtype=np.int64)[:, None]
+        if self._probing:  # the probed (deepest) draft was accepted somewhere: probe again soon
+            self._probing = False
+            found = bool((a >= n - 1).any())
+            self.probe_interval = (
+                self.min_probe_interval
+                if found
+                else min(2 * self.probe_interval, self.max_probe_interval)
+            )
+        if n < 2 or not len(requests):
+            return
+        rows = list(requests)
+        k = np.arange(self.max_length - 1)[None, :]
+        # Drafts 1..a were accepted, draft a+1 (if verified) was not, later ones were unseen.
+        seen = k < np.minimum(a + 1, n - 1)
+        hit = k < a
+        self.accepted[rows] = np.where(seen, self.decay * self.accepted[rows] + hit, self.accepted[rows])
+        self.verified[rows] = np.where(seen, self.decay * self.verified[rows] + 1, self.verified[rows])
+        any_seen = seen.any(axis=0)
+        self.batch_accepted = np.where(
+            any_seen, self.batch_decay * self.batch_accepted + hit.sum(axis=0), self.batch_accepted
+        )
+        self.batch_verified = np.where(
+            any_seen, self.batch_decay * self.batch_verified + seen.sum(axis=0), self.batch_verified
+        )
