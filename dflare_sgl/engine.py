@@ -143,7 +143,7 @@ class SpeculativeDecoder:
                 f"is {self.block_size}: re-run `dflare calibrate --force` for this draft"
             )
         self.cost_model = model
-        self.verify_length = AdaptiveVerifyLength(self.block_size, model.relative)
+        self.verify_length = AdaptiveVerifyLength(self.block_size, model.step_time)
 
     def calibrate(
         self, batch_sizes: Sequence[int] | None = None, use_cache: bool = True
@@ -175,7 +175,7 @@ class SpeculativeDecoder:
         is called with each request's newly committed tokens as they appear (streaming).
         ``verify_length`` overrides the decoder's policy for this call (its ``max_length`` must
         not exceed ``block_size``); ``on_step(n, batch_size, seconds)`` reports each step's
-        verify length, batch and wall time (on a GPU it then synchronises every step).
+        verify length, batch and wall time.
         """
         if verify_length is None:
             if self.adaptive and self.cost_model is None:
@@ -271,10 +271,12 @@ class SpeculativeDecoder:
                     if commit(i, new):
                         still.append(i)
                 self._select_target_rows(still, active)
+            # The step ended with host copies of its results (.tolist()), so its wall time is
+            # the device's too.
+            seconds = time.perf_counter() - t0
+            verify_length.observe_time(n, len(active), seconds)
             if on_step is not None:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                on_step(n, len(active), time.perf_counter() - t0)
+                on_step(n, len(active), seconds)
             active = still
 
         elapsed = time.perf_counter() - start

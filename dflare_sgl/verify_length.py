@@ -24,6 +24,11 @@ decaying more slowly, kept across ``generate`` calls) with ``prior_weight`` pseu
 new request starts from the draft's recent batch-wide record. A position nobody has seen
 yet borrows the rate of the position before it.
 
+Measured costs: each step's wall time is compared with the calibrated time of its length and
+batch size, and each length's cost is corrected by that (decayed) ratio over the plain steps'
+ratio, so a workload whose verify steps cost more than the calibration's (longer, ragged
+contexts) drafts less.
+
 Hysteresis and probes: the current ``n`` is kept unless another scores ``hysteresis`` better,
 so noise does not make it flap. Positions past the current ``n`` are never verified and so
 never learnt; every ``probe_interval`` steps one step verifies one token more than chosen (at
@@ -55,6 +60,8 @@ class VerifyLengthPolicy(Protocol):
 
     def observe(self, requests: Sequence[int], n: int, accept_lens: Sequence[int]) -> None: ...
 
+    def observe_time(self, n: int, batch_size: int, seconds: float) -> None: ...
+
 
 class FixedVerifyLength:
     """Always ``n`` tokens (``--block-size N``)."""
@@ -71,6 +78,9 @@ class FixedVerifyLength:
         return self.max_length
 
     def observe(self, requests: Sequence[int], n: int, accept_lens: Sequence[int]) -> None:
+        pass
+
+    def observe_time(self, n: int, batch_size: int, seconds: float) -> None:
         pass
 
 
@@ -102,8 +112,9 @@ class AdaptiveVerifyLength:
 
     Args:
       max_length: the longest block (the draft's ``block_size``).
-      cost: ``cost(n, b)``, a step verifying ``n`` tokens for ``b`` requests relative to a
-        plain one-token step (:meth:`dflare_sgl.cost_model.CostModel.relative`).
+      cost: ``cost(n, b)``, milliseconds of a step verifying ``n`` tokens for ``b`` requests
+        (:meth:`dflare_sgl.cost_model.CostModel.step_time`; only ratios matter until
+        :meth:`observe_time` compares them with measured times).
       initial_rate: the batch-wide acceptance rate assumed before any step is seen.
     """
 
@@ -118,6 +129,7 @@ class AdaptiveVerifyLength:
         hysteresis: float = 0.05,
         probe_interval: int = 8,
         max_probe_interval: int = 128,
+        time_decay: float = 0.95,
     ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -131,6 +143,11 @@ class AdaptiveVerifyLength:
         self.batch_verified = np.zeros(positions)
         self.length: int | None = None  # the current choice, kept across generate calls
         self.probe_interval = probe_interval
+        # Measured over predicted step time, per verify length (decayed sums): the real
+        # workload's ragged, longer batches may cost more or less than the calibration's.
+        self.time_decay = time_decay
+        self.time_ratio_sum = np.zeros(max_length)
+        self.time_steps = np.zeros(max_length)
         self._since_probe = 0
         self._probing = False
         self.begin(0)
@@ -158,7 +175,28 @@ class AdaptiveVerifyLength:
         b = len(requests)
         expected = expected_committed(self.rates(requests)).sum(axis=0)
         costs = np.array([self.cost(n, b) for n in range(1, self.max_length + 1)])
-        return expected / costs
+        return expected / (costs * self.time_corrections())
+
+    def time_corrections(self) -> np.ndarray:
+        """Measured over predicted time of each verify length ``[B]`` (1 where unmeasured),
+        relative to plain steps'."""
+        w = self.prior_weight
+        ratio = (self.time_ratio_sum + w) / (self.time_steps + w)
+        return ratio / ratio[0]
+
+    def observe_time(self, n: int, batch_size: int, seconds: float) -> None:
+        """Record a step's wall time: each length's cost is corrected by how much longer or
+        shorter than predicted its steps really take, compared with plain steps. A length not
+        measured yet keeps its calibrated cost; so while only drafted steps run and turn out
+        slow, drafting looks dearer, the policy tries plain steps, and their times then set
+        the comparison right."""
+        predicted = self.cost(n, batch_size)
+        if predicted <= 0 or seconds <= 0:
+            return
+        k = n - 1
+        ratio = 1000.0 * seconds / predicted
+        self.time_ratio_sum[k] = self.time_decay * self.time_ratio_sum[k] + ratio
+        self.time_steps[k] = self.time_decay * self.time_steps[k] + 1
 
     def choose(self, requests: Sequence[int]) -> int:
         scores = self.scores(requests)

@@ -122,6 +122,28 @@ def test_hysteresis_keeps_n_steady_under_noise():
     assert steady < flappy and steady <= 0.05 * 550, (steady, flappy)
 
 
+def test_measured_step_times_correct_the_costs():
+    """The calibration says a drafted step is almost free, the steps themselves take 2x a
+    plain one: the policy follows the measured times and stops drafting."""
+    calibrated = lambda n, b: 30.0 * (1.0 + 0.05 * (n - 1))  # noqa: E731  (ms)
+
+    def run(measure: bool) -> list[int]:
+        policy, accept = AdaptiveVerifyLength(B, calibrated), geometric_acceptance(0.3, seed=2)
+        policy.begin(1)
+        chosen = []
+        for step in range(300):
+            n = policy.choose([0])
+            chosen.append(n)
+            policy.observe([0], n, [accept(step, n)])
+            if measure:  # seconds: 30 ms a plain step, 60 ms + 3 ms a token with a draft
+                policy.observe_time(n, 1, 0.030 if n == 1 else 0.060 + 0.003 * n)
+        return chosen[100:]
+
+    assert np.median(run(measure=False)) >= 2
+    corrected = run(measure=True)
+    assert corrected.count(1) >= 0.9 * len(corrected), corrected
+
+
 def test_fixed_length():
     with pytest.raises(ValueError, match=">= 1"):
         FixedVerifyLength(0)
