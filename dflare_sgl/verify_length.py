@@ -194,7 +194,9 @@ class AdaptiveVerifyLength:
         if predicted <= 0 or seconds <= 0:
             return
         k = n - 1
-        ratio = 1000.0 * seconds / predicted
+        # Clipped: one step that paid for a one-time cost (a cache growing, the OS) must not
+        # price its length out for good.
+        ratio = min(max(1000.0 * seconds / predicted, 0.5), 2.0)
         self.time_ratio_sum[k] = self.time_decay * self.time_ratio_sum[k] + ratio
         self.time_steps[k] = self.time_decay * self.time_steps[k] + 1
 
