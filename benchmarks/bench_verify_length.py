@@ -52,14 +52,13 @@ from dflare_sgl.verify_length import FixedVerifyLength  # noqa: E402
 
 def _draft(name: str, target, device: str) -> tuple[DFlareDraftModel, float | None]:
     """(draft model, oracle error rate or None)."""
-    if name == "untrained" or name.startswith("oracle:"):
-        bundled = DFlareDraftModel.from_pretrained(default_draft("smollm2-135m"))
-        if name == "untrained":
-            config = DraftConfig.for_target(target.config, num_draft_layers=2, block_size=8)
-            draft = DFlareDraftModel(config, generator=torch.Generator().manual_seed(0))
-            return draft.to(device), None
-        # The oracle pays for the bundled draft's pass (same shape, same cost).
-        return bundled.to(device), float(name.split(":")[1])
+    if name == "untrained":
+        config = DraftConfig.for_target(target.config, num_draft_layers=2, block_size=8)
+        draft = DFlareDraftModel(config, generator=torch.Generator().manual_seed(0))
+        return draft.to(device), None
+    if name.startswith("oracle:"):  # it pays for the bundled draft's pass (same shape, cost)
+        bundled = DFlareDraftModel.from_pretrained(default_draft("smollm2-135m"), device=device)
+        return bundled, float(name.split(":")[1])
     path = default_draft("smollm2-135m") if name == "bundled" else name
     return DFlareDraftModel.from_pretrained(path, device=device), None
 

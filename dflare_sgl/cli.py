@@ -149,8 +149,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(f"step cost relative to a plain one-token step ({model.key['device']}, "
           f"{model.key['dtype']}, {model.key['threads']} threads, {model.key['kernel']}):")
     print("    n " + "".join(f"{f'b={b}':>8}" for b in model.batch_sizes))
-    for n, row in zip(model.lengths, model.step_ms, strict=True):
-        print(f"{n:>5} " + "".join(f"{v / base:8.2f}" for v, base in zip(row, model.step_ms[0])))
+    for n in model.lengths:
+        print(f"{n:>5} " + "".join(f"{model.relative(n, b):8.2f}" for b in model.batch_sizes))
     print(f"(plain step: {', '.join(f'{v:.1f}' for v in model.step_ms[0])} ms)")
     print(f"cached as {cost_model.cache_path(model.key)}")
     if args.out:
