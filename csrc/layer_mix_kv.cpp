@@ -76,8 +76,8 @@ void check_layer_mix_kv_args(
               "layer_mix_kv: hidden must be float32, bfloat16 or float16, got ",
               hidden.scalar_type());
   TORCH_CHECK(hidden.is_contiguous(), "layer_mix_kv: hidden must be contiguous");
-  TORCH_CHECK(fusion_probs.has_value() != fc_weight.has_value(),
-              "layer_mix_kv: pass exactly one of fusion_probs (DFlare) and fc_weight (DFlash)");
+  TORCH_CHECK(fusion_probs.has_value() || fc_weight.has_value(),
+              "layer_mix_kv: pass fusion_probs (DFlare), fc_weight (DFlash) or both (DFly)");
   TORCH_CHECK(k_proj_weight.dim() == 3 && k_norm_weight.dim() == 2,
               "layer_mix_kv: k_proj_weight must be [D, KVH*hd, H] and k_norm_weight [D, hd]");
   const int64_t n = hidden.size(0), t = hidden.size(1), h = hidden.size(2);
@@ -137,13 +137,15 @@ void rms_norm_row(const scalar_t* x, const scalar_t* weight, int64_t n, float ep
   }
 }
 
-// ctx[d, j] = hidden_norm(sum_t probs[d, t] * hidden[j, t]) for the nb tokens of a block.
-// probs are rounded to scalar_t and the sum accumulated in float32 then rounded once, as the
-// reference's einsum (a GEMM) does. Each token's T hidden rows are read once for all layers.
+// ctx[d, j] = hidden_norm(base[j] + sum_t probs[d, t] * hidden[j, t]) for the nb tokens of a
+// block; base (DFly's fc output, [nb, H]) may be null (DFlare). probs are rounded to scalar_t
+// and the sum accumulated in float32 then rounded once, as the reference's einsum (a GEMM)
+// does; base is then added in scalar_t, as the reference's tensor sum. Each token's T hidden
+// rows are read once for all layers.
 template <typename scalar_t>
-void mix_and_norm(const scalar_t* hidden, const float* probs, const scalar_t* norm_weight,
-                  int64_t nb, int64_t t_layers, int64_t d_layers, int64_t h, float eps,
-                  scalar_t* ctx) {
+void mix_and_norm(const scalar_t* hidden, const float* probs, const scalar_t* base,
+                  const scalar_t* norm_weight, int64_t nb, int64_t t_layers, int64_t d_layers,
+                  int64_t h, float eps, scalar_t* ctx) {
   std::vector<float> p(d_layers * t_layers);
   for (size_t i = 0; i < p.size(); ++i) {
     p[i] = static_cast<float>(static_cast<scalar_t>(probs[i]));
@@ -163,6 +165,9 @@ void mix_and_norm(const scalar_t* hidden, const float* probs, const scalar_t* no
       scalar_t* out = ctx + (d * nb + j) * h;
       const float* a = acc.data() + d * h;
       for (int64_t i = 0; i < h; ++i) out[i] = static_cast<scalar_t>(a[i]);
+      if (base != nullptr) {
+        for (int64_t i = 0; i < h; ++i) out[i] = out[i] + base[j * h + i];
+      }
       rms_norm_row(out, norm_weight, h, eps, out);
     }
   }
@@ -214,15 +219,17 @@ void layer_mix_kv_block(const Args& a, int64_t begin, int64_t end) {
   const at::Tensor hidden = a.hidden.narrow(0, begin, nb);
   const scalar_t* norm_weight = a.hidden_norm_weight.data_ptr<scalar_t>();
 
-  at::Tensor ctx;
-  if (a.fc_weight) {
-    ctx = at::linear(hidden.view({nb, t_layers * h}), *a.fc_weight).unsqueeze(0);
+  at::Tensor ctx, base;
+  if (a.fc_weight) base = at::linear(hidden.view({nb, t_layers * h}), *a.fc_weight);
+  if (!a.fusion_probs) {
+    ctx = base.unsqueeze(0);
     scalar_t* c = ctx.data_ptr<scalar_t>();
     for (int64_t j = 0; j < nb; ++j) rms_norm_row(c + j * h, norm_weight, h, a.eps, c + j * h);
   } else {
     ctx = at::empty({d_layers, nb, h}, hidden.options());
-    mix_and_norm(hidden.data_ptr<scalar_t>(), a.fusion_probs->data_ptr<float>(), norm_weight, nb,
-                 t_layers, d_layers, h, a.eps, ctx.data_ptr<scalar_t>());
+    mix_and_norm(hidden.data_ptr<scalar_t>(), a.fusion_probs->data_ptr<float>(),
+                 base.defined() ? base.data_ptr<scalar_t>() : nullptr, norm_weight, nb, t_layers,
+                 d_layers, h, a.eps, ctx.data_ptr<scalar_t>());
   }
   const at::Tensor k = project_layer_mix_context(ctx, a.k_proj_weight, a.k_proj_bias);
   const at::Tensor v = project_layer_mix_context(ctx, a.v_proj_weight, a.v_proj_bias);

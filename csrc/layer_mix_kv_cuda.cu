@@ -74,13 +74,15 @@ __device__ void block_sum(float (&x)[K], float* scratch) {
   __syncthreads();  // scratch is reused by the next call
 }
 
-// ctx[d, n] = hidden_norm(sum_t probs[d, t] * src[n, t]), one token n per CTA. probs are
-// rounded to scalar_t and the sum is accumulated in float32 and rounded once, as the
-// reference's einsum (a GEMM) does. probs == nullptr means one layer with weight 1 (DFlash:
-// src is fc's output and only the norm applies). The second sweep re-reads the context
+// ctx[d, n] = hidden_norm(base[n] + sum_t probs[d, t] * src[n, t]), one token n per CTA.
+// probs are rounded to scalar_t and the sum is accumulated in float32 and rounded once, as the
+// reference's einsum (a GEMM) does; base (DFly's fc output [N, H], null otherwise) is then
+// added in scalar_t, as the reference's tensor sum. probs == nullptr means one layer with
+// weight 1 (DFlash: src is fc's output and only the norm applies). The second sweep re-reads the context
 // values this same thread wrote, so no barrier is needed for them.
 template <typename scalar_t, int VEC>
 __global__ void mix_norm_kernel(const scalar_t* __restrict__ src, const float* __restrict__ probs,
+                                const scalar_t* __restrict__ base,
                                 const scalar_t* __restrict__ norm_weight,
                                 scalar_t* __restrict__ ctx, int64_t num_tokens, int t_layers,
                                 int d_layers, int h, float eps) {
@@ -90,6 +92,7 @@ __global__ void mix_norm_kernel(const scalar_t* __restrict__ src, const float* _
   const int h_vecs = h / VEC;
   const P* in = reinterpret_cast<const P*>(src + n * t_layers * h);
   const P* weight = reinterpret_cast<const P*>(norm_weight);
+  const P* base_row = base ? reinterpret_cast<const P*>(base + n * h) : nullptr;
   auto row = [&](int d) { return reinterpret_cast<P*>(ctx + (d * num_tokens + n) * h); };
 
   for (int d0 = 0; d0 < d_layers; d0 += kLayersPerPass) {
@@ -109,12 +112,15 @@ __global__ void mix_norm_kernel(const scalar_t* __restrict__ src, const float* _
         }
       }
 #pragma unroll
+      const P b = base_row ? base_row[i] : P{};
+#pragma unroll
       for (int j = 0; j < kLayersPerPass; ++j) {
         if (d0 + j >= d_layers) break;
         P y;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           y.v[e] = static_cast<scalar_t>(acc[j][e]);
+          if (base_row) y.v[e] = y.v[e] + b.v[e];
           const float f = static_cast<float>(y.v[e]);
           sum_sq[j] += f * f;
         }
@@ -192,20 +198,21 @@ __global__ void rope_store_kernel(
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename scalar_t>
-void launch_mix_norm(const at::Tensor& src, const float* probs, const at::Tensor& norm_weight,
-                     at::Tensor& ctx, int t_layers, float eps, cudaStream_t stream) {
+void launch_mix_norm(const at::Tensor& src, const float* probs, const scalar_t* base,
+                     const at::Tensor& norm_weight, at::Tensor& ctx, int t_layers, float eps,
+                     cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int d_layers = static_cast<int>(ctx.size(0));
   const int64_t num_tokens = ctx.size(1);
   const int h = static_cast<int>(ctx.size(2));
-  const bool vectorized = h % kVec == 0 && aligned16(src.data_ptr()) &&
+  const bool vectorized = h % kVec == 0 && aligned16(src.data_ptr()) && aligned16(base) &&
                           aligned16(norm_weight.data_ptr()) && aligned16(ctx.data_ptr());
   const int vec = vectorized ? kVec : 1;
   // 256 threads: two 16-byte vectors each at H=4096 in bf16; fewer for narrow rows.
   const int threads = std::min(256, (h / vec + kWarp - 1) / kWarp * kWarp);
   auto launch = [&](auto kernel) {
     kernel<<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
-        src.data_ptr<scalar_t>(), probs, norm_weight.data_ptr<scalar_t>(), ctx.data_ptr<scalar_t>(),
+        src.data_ptr<scalar_t>(), probs, base, norm_weight.data_ptr<scalar_t>(), ctx.data_ptr<scalar_t>(),
         num_tokens, t_layers, d_layers, h, eps);
   };
   if (vectorized) {
@@ -267,13 +274,19 @@ void layer_mix_kv_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>
   const float eps_f = static_cast<float>(eps);
 
   // DFlash mixes with its fc GEMM first; the kernel then only normalises that one context.
-  const at::Tensor src = fc_weight ? at::linear(hidden.view({n, t * h}), *fc_weight) : hidden;
-  at::Tensor ctx = at::empty({fc_weight ? 1 : d, n, h}, hidden.options());
+  // DFly adds that GEMM's output to each layer's mix (base) before the norm.
+  const at::Tensor fc_out =
+      fc_weight ? at::linear(hidden.view({n, t * h}), *fc_weight) : at::Tensor();
+  const at::Tensor src = fusion_probs ? hidden : fc_out;
+  at::Tensor ctx = at::empty({fusion_probs ? d : 1, n, h}, hidden.options());
   const float* probs = fusion_probs ? fusion_probs->data_ptr<float>() : nullptr;
-  const int src_layers = static_cast<int>(fc_weight ? 1 : t);
+  const int src_layers = static_cast<int>(fusion_probs ? t : 1);
   // clang-format off
   AT_DISPATCH_V2(hidden.scalar_type(), "layer_mix_kv_cuda", AT_WRAP([&] {
-    launch_mix_norm<scalar_t>(src, probs, hidden_norm_weight, ctx, src_layers, eps_f, stream);
+    const scalar_t* base =
+        fusion_probs && fc_weight ? fc_out.data_ptr<scalar_t>() : nullptr;
+    launch_mix_norm<scalar_t>(src, probs, base, hidden_norm_weight, ctx, src_layers, eps_f,
+                              stream);
   }), at::kFloat, at::kBFloat16, at::kHalf);
   // clang-format on
 

@@ -6,7 +6,7 @@
 TORCH_LIBRARY(dflare, m) {
   // Mix the captured target layers per draft layer, hidden_norm, project to each draft
   // layer's context K/V, k_norm, RoPE, and store at `slots` of every layer's paged cache.
-  // Exactly one of fusion_probs [D, T] (DFlare) and fc_weight [H, T*H] (DFlash) is given.
+  // fusion_probs [D, T] (DFlare), fc_weight [H, T*H] (DFlash), or both (DFly).
   m.def(
       "layer_mix_kv(Tensor hidden, Tensor? fusion_probs, Tensor? fc_weight, "
       "Tensor hidden_norm_weight, Tensor k_proj_weight, Tensor v_proj_weight, "

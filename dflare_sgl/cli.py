@@ -176,7 +176,7 @@ def _init_draft(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dflare", description="DFlare / DFlash block-diffusion speculative decoding."
+        prog="dflare", description="DFlare / DFlash / DFly block-diffusion speculative decoding."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
         "init-draft",
         help="write a randomly initialised draft checkpoint for a target",
         description="Write an untrained draft for TARGET in a published checkpoint format: "
-        "DFlare (--fusion layerwise, AngelSlim QwenDFlareDraftModel) or DFlash (--fusion "
-        "shared, z-lab DFlashDraftModel). A starting point for training, or for testing.",
+        "DFlare (--fusion layerwise, AngelSlim QwenDFlareDraftModel), DFlash (--fusion "
+        "shared, z-lab DFlashDraftModel) or DFly (--fusion dfly, AngelSpec Qwen3DFlyModel). "
+        "A starting point for training, or for testing.",
     )
     add_target_argument(init)
     init.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -288,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fusion",
         choices=sorted(FUSION_ARCHITECTURE),
         default="layerwise",
-        help="layerwise = DFlare format, shared = DFlash format (default: layerwise)",
+        help="layerwise = DFlare format, shared = DFlash format, dfly = DFly format "
+        "(default: layerwise)",
     )
     init.add_argument(
         "--block-size",

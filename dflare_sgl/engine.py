@@ -58,7 +58,7 @@ def _drop_cache_tail(cache: DynamicCache, length: int) -> None:
 
 
 class SpeculativeDecoder:
-    """Batched DFlare / DFlash speculative decoding of an HF causal LM target.
+    """Batched DFlare / DFlash / DFly speculative decoding of an HF causal LM target.
 
     Args:
       target: HF causal LM (Llama, Qwen3, ...) whose forward returns ``hidden_states``; its
@@ -98,6 +98,7 @@ class SpeculativeDecoder:
         cost_model: CostModel | None = None,
     ) -> None:
         draft.check_compatible(target.config)
+        draft.check_target_embedding(target.get_input_embeddings().weight)
         self.target = target.eval()
         self.draft = draft.eval()
         self.device = next(target.parameters()).device
@@ -407,9 +408,16 @@ class SpeculativeDecoder:
                 seq_lens,
             )
         with record_function("dflare.draft_head"):
-            head = self.draft_head
-            drafted = torch.nn.functional.linear(hidden[:, 1:].to(head.dtype), head).argmax(-1)
-            block[:, 1:] = drafted if self.draft_vocab is None else self.draft_vocab[drafted]
+            # (DFly: B-1 head products one after another, each slot corrected by the last.)
+            block[:, 1:] = self.draft.draft_tokens(
+                hidden, block[:, 0], self.embed, self._draft_tokens
+            )
+
+    def _draft_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy target token ids of draft states ``[..., H]`` through the draft head."""
+        head = self.draft_head
+        drafted = torch.nn.functional.linear(hidden.to(head.dtype), head).argmax(-1)
+        return drafted if self.draft_vocab is None else self.draft_vocab[drafted]
 
     def _select_target_rows(self, keep: list[int], current: list[int]) -> None:
         """Drop finished requests from the target cache batch (``current`` -> ``keep``)."""

@@ -5,6 +5,7 @@ context keys and values::
 
     ctx_d = hidden_norm(sum_t alpha[d, t] * hs_t)        # DFlare, alpha = softmax(W)[d]
     ctx   = hidden_norm(fc(concat_t hs_t))               # DFlash, one ctx for every layer
+    ctx_d = hidden_norm(fc(concat_t hs_t) + sum_t alpha[d, t] * hs_t)          # DFly
     K_d   = rope(k_norm_d(k_proj_d(ctx_d)), pos)          V_d = v_proj_d(ctx_d)
 
 and :func:`layer_mix_kv` stores them into each layer's paged KV cache at given slots.
@@ -30,8 +31,8 @@ class LayerMixWeights:
     """Stacked draft weights the op reads, built once by ``DFlareDraftModel.layer_mix_weights``.
 
     Shapes (D draft layers, T captured target layers, H hidden, KVH kv heads, hd head dim):
-      fusion_probs [D, T] float32 softmaxed (DFlare) or None; fc_weight [H, T*H] (DFlash)
-      or None; hidden_norm_weight [H]; k_proj_weight / v_proj_weight [D, KVH*hd, H];
+      fusion_probs [D, T] float32 softmaxed (DFlare, DFly) or None; fc_weight [H, T*H]
+      (DFlash, DFly) or None (at least one is set); hidden_norm_weight [H]; k_proj_weight / v_proj_weight [D, KVH*hd, H];
       k_proj_bias / v_proj_bias [D, KVH*hd] or None; k_norm_weight [D, hd];
       cos_sin_cache [max_pos, hd] float32 (see ``primitives.build_cos_sin_cache``).
     """
@@ -72,23 +73,18 @@ def context_kv(
       Two lists of D tensors ``[..., N, KVH, hd]``: K (k_norm and RoPE applied) and V.
     """
     *lead, n, t, h = hidden.shape
+    ctx = 0  # [..., N, H] (one context) or [..., N, D, H] (one per layer), before the norm
     if w.fc_weight is not None:
-        shared = rms_norm(
-            torch.nn.functional.linear(hidden.reshape(*lead, n, t * h), w.fc_weight),
-            w.hidden_norm_weight,
-            w.eps,
-        )
-        mixed = None
-    else:
-        probs = w.fusion_probs.to(hidden.dtype)
-        mixed = rms_norm(
-            torch.einsum("...nth,dt->...ndh", hidden, probs), w.hidden_norm_weight, w.eps
-        )
+        ctx = torch.nn.functional.linear(hidden.reshape(*lead, n, t * h), w.fc_weight)
+    if w.fusion_probs is not None:
+        mixed = torch.einsum("...nth,dt->...ndh", hidden, w.fusion_probs.to(hidden.dtype))
+        ctx = mixed if w.fc_weight is None else ctx.unsqueeze(-2) + mixed
+    ctx = rms_norm(ctx, w.hidden_norm_weight, w.eps)
     keys, values = [], []
     for d in range(w.num_layers):
-        ctx = shared if mixed is None else mixed[..., d, :]
-        k = torch.nn.functional.linear(ctx, w.k_proj_weight[d], _bias(w.k_proj_bias, d))
-        v = torch.nn.functional.linear(ctx, w.v_proj_weight[d], _bias(w.v_proj_bias, d))
+        ctx_d = ctx if w.fusion_probs is None else ctx[..., d, :]
+        k = torch.nn.functional.linear(ctx_d, w.k_proj_weight[d], _bias(w.k_proj_bias, d))
+        v = torch.nn.functional.linear(ctx_d, w.v_proj_weight[d], _bias(w.v_proj_bias, d))
         k = rms_norm(k.unflatten(-1, (-1, w.head_dim)), w.k_norm_weight[d], w.eps)
         keys.append(apply_rope(k, positions, w.cos_sin_cache))
         values.append(v.unflatten(-1, (-1, w.head_dim)))
@@ -127,8 +123,8 @@ def _check_args(
     _check(hidden.dtype in _HIDDEN_DTYPES, f"hidden must be float32/bf16/fp16, got {hidden.dtype}")
     _check(hidden.is_contiguous(), "hidden must be contiguous (call .contiguous() on it)")
     _check(
-        (w.fusion_probs is None) != (w.fc_weight is None),
-        "set exactly one of fusion_probs (DFlare) and fc_weight (DFlash) in LayerMixWeights",
+        w.fusion_probs is not None or w.fc_weight is not None,
+        "set fusion_probs (DFlare), fc_weight (DFlash) or both (DFly) in LayerMixWeights",
     )
     n, t, h = hidden.shape
     d, o = w.k_proj_weight.shape[:2]

@@ -401,7 +401,7 @@ def test_error_unsupported_settings():
         DraftConfig.from_dict(
             _config_dict("DFlashDraftModel", use_sliding_window=True, max_window_layers=1)
         )
-    with pytest.raises(ValueError, match="target_layer_ids nor num_target_layers"):
+    with pytest.raises(ValueError, match="neither target_layer_ids nor"):
         DraftConfig.from_dict(_config_dict("DFlashDraftModel", num_target_layers=None))
     with pytest.raises(ValueError, match="output_multiplier"):
         DraftConfig.from_dict(_config_dict("DFlashDraftModel", output_multiplier=2.0))

@@ -32,15 +32,20 @@ def _draft(model, fusion: str, layers: int, block_size: int = 16, seed: int = 0)
     cfg = DraftConfig.for_target(
         model.config, num_draft_layers=layers, fusion=fusion, block_size=block_size
     )
-    return DFlareDraftModel(cfg).float().eval()
+    draft = DFlareDraftModel(cfg).float().eval()
+    if draft.hidden_correction is not None:  # DFly starts with no correction: give it one
+        # (strong enough to change most picks, so the correction chain is what is tested)
+        with torch.no_grad():
+            draft.hidden_correction.down_proj.weight.normal_(0.0, 1.0)
+    return draft
 
 
-def _repeat_draft(model, token_id: int) -> DFlareDraftModel:
+def _repeat_draft(model, token_id: int, fusion: str = "layerwise") -> DFlareDraftModel:
     """A real draft whose layers add nothing to the residual stream, so every MASK position
     decodes to lm_head(norm(embed(mask))): with the mask token set to ``token_id`` it drafts
     that token again and again."""
     cfg = DraftConfig.for_target(
-        model.config, num_draft_layers=1, fusion="layerwise", mask_token_id=token_id
+        model.config, num_draft_layers=1, fusion=fusion, mask_token_id=token_id
     )
     torch.manual_seed(0)
     draft = DFlareDraftModel(cfg).float().eval()
@@ -84,7 +89,14 @@ def greedy_reference(target, prompts):
 
 @pytest.mark.parametrize(
     "batch_size,block_size,fusion",
-    [(1, 4, "layerwise"), (1, 16, "layerwise"), (4, 4, "shared"), (4, 16, "layerwise")],
+    [
+        (1, 4, "layerwise"),
+        (1, 16, "layerwise"),
+        (4, 4, "shared"),
+        (4, 16, "layerwise"),
+        (1, 8, "dfly"),
+        (8, 8, "dfly"),
+    ],
 )
 def test_greedy_equals_target_generate(
     target, prompts, greedy_reference, batch_size, block_size, fusion
@@ -184,10 +196,13 @@ def _target_only_sample(model, ids: list[int], n: int, params: SamplingParams) -
     return out_ids
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 20, 0.9)])
-def test_sampling_equals_target_only_sampling(target, prompts, temperature, top_k, top_p):
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p,fusion",
+    [(0.7, 0, 1.0, "layerwise"), (1.0, 20, 0.9, "layerwise"), (1.0, 20, 0.9, "dfly")],
+)
+def test_sampling_equals_target_only_sampling(target, prompts, temperature, top_k, top_p, fusion):
     model, tok = target
-    decoder = SpeculativeDecoder(model, _draft(model, "layerwise", 2), block_size=8)
+    decoder = SpeculativeDecoder(model, _draft(model, fusion, 2), block_size=8)
     batch = prompts[:3]
     plist = [
         SamplingParams(
@@ -200,12 +215,14 @@ def test_sampling_equals_target_only_sampling(target, prompts, temperature, top_
         assert r.tokens == _target_only_sample(model, ids, MAX_NEW, p)
 
 
-def test_sampled_pair_distribution_is_the_targets(target):
+@pytest.mark.parametrize("fusion", ["layerwise", "dfly"])
+def test_sampled_pair_distribution_is_the_targets(target, fusion):
     """Chi-square of the first two sampled tokens (the second comes from a verify step)
-    against the exact target probabilities p(t1) p(t2 | t1); fixed seeds, alpha = 0.001."""
+    against the exact target probabilities p(t1) p(t2 | t1); fixed seeds, alpha = 0.001.
+    (DFly's correction head starts at zero, so its repeat draft repeats as well.)"""
     model, tok = target
     prompt, word_id = _laugh(tok)
-    decoder = SpeculativeDecoder(model, _repeat_draft(model, word_id), block_size=4)
+    decoder = SpeculativeDecoder(model, _repeat_draft(model, word_id, fusion), block_size=4)
     params = [SamplingParams(2, temperature=1.5, top_k=3, seed=s) for s in range(600)]
     pairs = []
     for start in range(0, len(params), 300):

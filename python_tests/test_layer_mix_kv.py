@@ -48,10 +48,12 @@ def make_weights(
     return LayerMixWeights(
         fusion_probs=(
             torch.softmax(torch.randn(d, t, generator=gen), -1).to(device)
-            if fusion == "dflare"
+            if fusion in ("dflare", "dfly")
             else None
         ),
-        fc_weight=rand(H, t * H, scale=(t * H) ** -0.5) if fusion == "dflash" else None,
+        fc_weight=(
+            rand(H, t * H, scale=(t * H) ** -0.5) if fusion in ("dflash", "dfly") else None
+        ),
         hidden_norm_weight=rand(H, scale=0.1, offset=1.0),
         k_proj_weight=rand(d, o, H, scale=H**-0.5),
         v_proj_weight=rand(d, o, H, scale=H**-0.5),
@@ -136,7 +138,7 @@ def require_kernel(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("fusion", ["dflare", "dflash"])
+@pytest.mark.parametrize("fusion", ["dflare", "dflash", "dfly"])
 @pytest.mark.parametrize("d", [1, 5, 7])
 @pytest.mark.parametrize("t", [1, 5, 9])
 def test_kernel_float32_matches_reference(device, t, d, fusion, bias):
@@ -147,7 +149,7 @@ def test_kernel_float32_matches_reference(device, t, d, fusion, bias):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("fusion", ["dflare", "dflash"])
+@pytest.mark.parametrize("fusion", ["dflare", "dflash", "dfly"])
 @pytest.mark.parametrize(
     "dtype, cache_dtype",
     [
@@ -173,7 +175,7 @@ def test_kernel_float8_cache(device, cache_dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [0, 1, 2, 600])  # 600 spans several token blocks per thread
-@pytest.mark.parametrize("fusion", ["dflare", "dflash"])
+@pytest.mark.parametrize("fusion", ["dflare", "dflash", "dfly"])
 def test_kernel_token_counts(device, n, fusion):
     require_kernel(device)
     c = make_case(n, t=5, d=3, fusion=fusion, bias=True, device=device, seed=n)
@@ -199,7 +201,7 @@ def test_cpu_kernel_rejects_out_of_range_slot():
         run_op(c)
 
 
-@pytest.mark.parametrize("fusion", ["dflare", "dflash"])
+@pytest.mark.parametrize("fusion", ["dflare", "dflash", "dfly"])
 def test_wrapper_matches_reference(fusion):
     c = make_case(17, t=5, d=3, fusion=fusion, bias=True)
     k, v = [x.clone() for x in c.k_caches], [x.clone() for x in c.v_caches]
@@ -207,8 +209,8 @@ def test_wrapper_matches_reference(fusion):
     assert_caches_match(c, (k, v), run_reference(c), FP32_TOL)
 
 
-def _both_fusions(c: Case) -> None:
-    c.w.fc_weight = torch.zeros(H, 2 * H)
+def _no_fusion(c: Case) -> None:
+    c.w.fusion_probs = None
 
 
 def _hidden_2d(c: Case) -> None:
@@ -262,7 +264,7 @@ def _noncontiguous_hidden(c: Case) -> None:
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (_both_fusions, "exactly one of fusion_probs"),
+        (_no_fusion, "set fusion_probs"),
         (_hidden_2d, r"hidden must be \[N, T, H\]"),
         (_weight_dtype, "k_proj_weight must be torch.float32"),
         (_probs_shape, r"fusion_probs must have shape \(2, 3\)"),

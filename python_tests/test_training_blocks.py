@@ -62,6 +62,10 @@ def test_block_inputs_and_labels():
     assert blocks.positions.tolist() == [[6, 7, 8, 9, 16, 17, 18, 19, 0, 1, 2, 3]]
     assert blocks.labels.tolist() == [[[107, 108, 109], [117, 0, 0], [0, 0, 0]]]
     assert blocks.valid.tolist() == [[[True] * 3, [True, False, False], [False] * 3]]
+    # DFly's teacher forcing: the text token before each slot's label (the anchor at slot 0).
+    assert blocks.prev_token_ids.tolist() == [
+        [106, 106, 107, 108, 116, 116, 117, 118, 100, 100, 101, 102]
+    ]
 
 
 def test_block_mask_matches_brute_force():
@@ -86,7 +90,7 @@ def test_all_blocks_in_one_forward_equal_each_block_alone():
     """The training forward (one pass, block mask) against inference's view of every block:
     context = the target states strictly before the anchor, then the block by itself."""
     torch.manual_seed(0)
-    for fusion in ("layerwise", "shared"):
+    for fusion in ("layerwise", "shared", "dfly"):
         draft = _draft(fusion)
         config = draft.config
         s, t = 24, config.num_captured_layers

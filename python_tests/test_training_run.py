@@ -281,10 +281,13 @@ def test_init_from_target_copies_the_top_layers(tiny_target, fusion):
         init_from_target(DFlareDraftModel(narrow), target)
 
 
-def test_training_learns(tmp_path, tiny_target, tiny_data):
+@pytest.mark.parametrize("fusion", ["layerwise", "dfly"])
+def test_training_learns(tmp_path, tiny_target, tiny_data, fusion):
     """A few dozen steps on 12 sequences: the loss falls and real tau on the training prompts
     rises above the untrained draft's."""
-    out = train(_train_config(tiny_target, tiny_data, tmp_path, steps=20, anchors=16))
+    out = train(
+        _train_config(tiny_target, tiny_data, tmp_path, steps=20, anchors=16, fusion=fusion)
+    )
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").open()]
     print("losses", losses)
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
@@ -298,10 +301,18 @@ def test_training_learns(tmp_path, tiny_target, tiny_data):
     ]
     print("taus", taus)
     assert taus[1] > taus[0] + 0.5, taus
+    if fusion == "dfly":  # DFly's published layout, its correction head trained
+        names = load_file(str(out / "model.safetensors")).keys()
+        assert {"context_proj.weight", "final_norm.weight", "embed_tokens.weight"} <= names
+        assert trained.hidden_correction.down_proj.weight.abs().max() > 0
+        SpeculativeDecoder(target, trained, block_size=4)  # the exported embedding matches
+        assert trained.exported_embedding is None
 
 
-def test_fsdp_two_processes(tmp_path, tiny_target, tiny_data):
-    """torchrun, 2 CPU ranks, gloo: the checkpoint loads and decodes losslessly."""
+@pytest.mark.parametrize("fusion", ["layerwise", "dfly"])
+def test_fsdp_two_processes(tmp_path, tiny_target, tiny_data, fusion):
+    """torchrun, 2 CPU ranks, gloo: the checkpoint loads and decodes losslessly (DFly: its
+    correction head runs inside the sharded forward)."""
     out = tmp_path / "fsdp"
     cmd = [
         sys.executable,
@@ -333,6 +344,8 @@ def test_fsdp_two_processes(tmp_path, tiny_target, tiny_data):
         "fp32",
         "--device",
         "cpu",
+        "--fusion",
+        fusion,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(

@@ -47,12 +47,14 @@ class Blocks:
     """The draft's inputs and targets for a batch (b sequences, K blocks of B tokens each).
 
     ``token_ids [b, K*B]`` block tokens ``[x_a, MASK...]``; ``positions [b, K*B]`` their
-    absolute positions; ``labels [b, K, B-1]`` ``x_{a+k}`` (0 where invalid); ``valid
+    absolute positions; ``prev_token_ids [b, K*B]`` the text token before each slot's label
+    (``x_{a+k-1}``; ``x_a`` at slot 0), what DFly's correction head is teacher-forced with; ``labels [b, K, B-1]`` ``x_{a+k}`` (0 where invalid); ``valid
     [b, K, B-1]`` the label exists and is in the loss mask; ``anchors [b, K]``.
     """
 
     token_ids: torch.Tensor
     positions: torch.Tensor
+    prev_token_ids: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor
     anchors: torch.Tensor
@@ -78,9 +80,11 @@ def build_blocks(
     label_pos = label_pos.clamp_max(s - 1).flatten(1)
     labels = input_ids.gather(1, label_pos).view(b, k, block_size - 1)
     valid = inside & anchor_valid[:, :, None] & loss_mask.gather(1, label_pos).view_as(inside)
+    prev_pos = torch.maximum(positions - 1, anchors[:, :, None]).clamp_max(s - 1)
     return Blocks(
         token_ids=token_ids.flatten(1),
         positions=positions.flatten(1),
+        prev_token_ids=input_ids.gather(1, prev_pos.flatten(1)),
         labels=torch.where(valid, labels, 0),
         valid=valid,
         anchors=anchors,

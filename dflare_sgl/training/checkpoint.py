@@ -57,12 +57,18 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def export_draft(state: dict[str, torch.Tensor], config: DraftConfig, path: Path) -> None:
-    """Write full ``state`` as a published draft checkpoint folder."""
+def export_draft(
+    state: dict[str, torch.Tensor],
+    config: DraftConfig,
+    path: Path,
+    embedding: torch.Tensor | None = None,
+) -> None:
+    """Write full ``state`` as a published draft checkpoint folder (``embedding``: see
+    ``DFlareDraftModel.save_pretrained``)."""
     with torch.device("meta"):
         draft = DFlareDraftModel(config)
     draft.load_state_dict(state, assign=True)
-    draft.save_pretrained(path)
+    draft.save_pretrained(path, embedding)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

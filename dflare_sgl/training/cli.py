@@ -112,7 +112,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--fusion",
         choices=sorted(FUSION_ARCHITECTURE),
         default="layerwise",
-        help="layerwise = DFlare, shared = DFlash (default: layerwise)",
+        help="layerwise = DFlare, shared = DFlash, dfly = DFly (shared + layer-wise residual "
+        "fusion and the hidden-state correction head) (default: layerwise)",
     )
     tr.add_argument("--layers", type=positive, default=2, help="draft layers D (default: 2)")
     tr.add_argument(

@@ -86,14 +86,19 @@ def draft_block_stats(
     )
     mask = block_attention_mask(anchors, block_size, s)
     context_positions = torch.arange(s, device=anchors.device).expand(b, s)
+    embed = target.get_input_embeddings()
     with torch.no_grad():  # float32: the draft's residual stream stays fp32 under autocast
-        noise = target.get_input_embeddings()(blocks.token_ids).float()
+        noise = embed(blocks.token_ids).float()
+        # DFly's correction head, teacher-forced: slot k sees the text token before it.
+        dfly = getattr(draft, "hidden_correction", None) is not None
+        prev = embed(blocks.prev_token_ids).float() if dfly else None
     with autocast(batch.input_ids.device, dtype):
         hidden = draft(
             position_ids=torch.cat([context_positions, blocks.positions], dim=1),
             attention_mask=mask,
             noise_embedding=noise,
             target_hidden=context,
+            prev_embedding=prev,
         )
         k = anchors.shape[1]
         predicted = hidden.view(b, k, block_size, -1)[:, :, 1:]  # position 0 is x_a itself

@@ -317,5 +317,8 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
     if step == total:  # publish the trained draft at the top of `out`
         state = checkpoint.full_model_state(model)
         if d.is_main:
-            checkpoint.export_draft(state, config, out)
+            # DFly's format carries the target embedding (the loader checks it); the
+            # intermediate checkpoints leave it out, which DFly loaders accept too.
+            embedding = target.get_input_embeddings().weight if cfg.fusion == "dfly" else None
+            checkpoint.export_draft(state, config, out, embedding)
     return out
