@@ -52,13 +52,23 @@ def _ids(tokenizer, texts):
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
-def _write_draft(target_dir, out_dir, block_size: int):
+def _write_draft(target_dir, out_dir, block_size: int, fusion: str = "layerwise", embedding=None):
     from transformers import AutoConfig
 
     config = DraftConfig.for_target(
-        AutoConfig.from_pretrained(target_dir), num_draft_layers=2, block_size=block_size
+        AutoConfig.from_pretrained(target_dir),
+        num_draft_layers=2,
+        block_size=block_size,
+        fusion=fusion,
     )
-    DFlareDraftModel(config, generator=torch.Generator().manual_seed(0)).save_pretrained(out_dir)
+    draft = DFlareDraftModel(config, generator=torch.Generator().manual_seed(0))
+    if draft.hidden_correction is not None:  # DFly starts with no correction: give it one
+        # (strong enough to change most picks, so the correction chain is what is tested)
+        with torch.no_grad():
+            draft.hidden_correction.down_proj.weight.normal_(
+                0.0, 1.0, generator=torch.Generator().manual_seed(1)
+            )
+    draft.save_pretrained(out_dir, embedding=embedding)
     return out_dir
 
 
@@ -122,6 +132,22 @@ def dflare_random(smollm2_dir, tokenizer, workdir):
 
 
 @pytest.fixture(scope="module")
+def dfly_random(smollm2_target, smollm2_dir, tokenizer, workdir):
+    """DFLARE serving a random-weight DFly draft (block 4, its correction head on, the
+    target embedding exported as DFly checkpoints carry it); proposals recorded."""
+    embedding = smollm2_target[0].get_input_embeddings().weight
+    draft = _write_draft(smollm2_dir, workdir / "dfly_b4", 4, "dfly", embedding)
+    return run_engine(
+        workdir,
+        "dfly_random",
+        engine_kwargs(smollm2_dir, draft),
+        _greedy_jobs(tokenizer) + [{"kind": "server_info"}],
+        DFLARE_SGLANG_WORKER="sglang_test_workers:DraftRecordingWorker",
+        DFLARE_TEST_RECORD=str(workdir / "dfly_drafts.jsonl"),
+    )
+
+
+@pytest.fixture(scope="module")
 def dflare_oracle(smollm2_dir, tokenizer, workdir, reference):
     """DFLARE (block 8) drafting the reference's own greedy continuations, one draft token
     corrupted in every third block; plus the sampling job."""
@@ -165,19 +191,31 @@ def test_random_draft_greedy_matches_target(reference, dflare_random):
     assert all(o["meta"]["spec_verify_ct"] >= 1 for o in dflare_random[0])
 
 
+def test_dfly_draft_greedy_matches_target(reference, dfly_random):
+    assert _tokens(dfly_random[0]) == _tokens(reference[0])
+    assert _tokens(dfly_random[1]) == _tokens(reference[1])
+    assert dfly_random[2]["speculative_algorithm"] == "DFLARE"
+
+
+@pytest.mark.parametrize("served,folder,record", [
+    ("dflare_random", "draft_b4", "drafts.jsonl"),
+    ("dfly_random", "dfly_b4", "dfly_drafts.jsonl"),
+])
 def test_draft_proposals_match_reference_model(
-    smollm2_target, tokenizer, workdir, reference, dflare_random
+    request, smollm2_target, tokenizer, workdir, reference, served, folder, record
 ):
-    """SGLang's QwenDFlareDraftModel with layer_mix_kv context proposes the tokens that the
-    package's reference DFlareDraftModel proposes from the same checkpoint and context."""
+    """SGLang's draft classes (QwenDFlareDraftModel; Qwen3DFlyModel with its correction
+    chain) with layer_mix_kv context propose the tokens that the package's reference
+    DFlareDraftModel proposes from the same checkpoint and context."""
+    request.getfixturevalue(served)
     model, _ = smollm2_target
-    draft = DFlareDraftModel.from_pretrained(workdir / "draft_b4")
+    draft = DFlareDraftModel.from_pretrained(workdir / folder)
     block = draft.block_size
     sequences = {
         tuple(p): p + out["output_ids"]
         for p, out in zip(_ids(tokenizer, PROMPTS), reference[0], strict=True)
     }
-    records = [json.loads(line) for line in (workdir / "drafts.jsonl").open()]
+    records = [json.loads(line) for line in (workdir / record).open()]
     records = [r for r in records if tuple(r["prompt"]) in sequences][:16]
     assert len(records) == 16
     matches = 0
@@ -194,7 +232,12 @@ def test_draft_proposals_match_reference_model(
                 noise_embedding=noise,
                 target_hidden=capture_target_hidden(hidden, draft.target_layer_ids),
             )
-            proposed = model.lm_head(out[0, 1:]).argmax(-1).tolist()
+            proposed = draft.draft_tokens(
+                out,
+                block_ids[:, 0],
+                model.get_input_embeddings(),
+                lambda h: model.lm_head(h).argmax(-1),
+            )[0].tolist()
         matches += sum(a == b for a, b in zip(proposed, r["block"][1:], strict=True))
     # fp32 on both sides; only summation order differs between the two implementations.
     assert matches / (len(records) * (block - 1)) >= 0.95, matches

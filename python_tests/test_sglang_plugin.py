@@ -87,6 +87,9 @@ def test_load_plugins_registers_dflare(sglang_cpu):
     assert algo.factory(None) is DFlareWorker
     cls, arch = ModelRegistry.resolve_model_cls(["QwenDFlareDraftModel"])
     assert cls is QwenDFlareDraftModel and arch == "QwenDFlareDraftModel"
+    from dflare_sgl.sglang_plugin.models.qwen_dfly import Qwen3DFlyModel
+
+    assert ModelRegistry.resolve_model_cls(["Qwen3DFlyModel"])[0] is Qwen3DFlyModel
 
 
 def test_server_args_resolve_from_draft(sglang_cpu, smollm2_dir, draft_config, tmp_path):
@@ -103,6 +106,22 @@ def test_server_args_resolve_from_draft(sglang_cpu, smollm2_dir, draft_config, t
     from sglang.srt.speculative.dflash_utils import parse_dflash_draft_config
 
     parsed = parse_dflash_draft_config(draft_hf_config=draft_config)
+    assert parsed.mask_token_id == 49151 and parsed.target_layer_ids == [1, 27]
+
+
+def test_server_args_resolve_from_a_dfly_draft(sglang_cpu, smollm2_dir, tmp_path):
+    """A DFly config.json (no block_size; num_target_layers = the captured layers) serves at
+    the published drafts' block of 8, and SGLang's DFlash parser sees its ids and mask."""
+    config = DraftConfig.for_target(
+        AutoConfig.from_pretrained(smollm2_dir), num_draft_layers=2, fusion="dfly"
+    ).to_dict()
+    config.pop("block_size")  # as published
+    assert config["num_target_layers"] == 2 and config["target_num_hidden_layers"] == 30
+    cfg = _resolve(sglang_cpu, smollm2_dir, _write(tmp_path, config))
+    assert cfg.speculative_num_draft_tokens == 8
+    from sglang.srt.speculative.dflash_utils import parse_dflash_draft_config
+
+    parsed = parse_dflash_draft_config(draft_hf_config=config)
     assert parsed.mask_token_id == 49151 and parsed.target_layer_ids == [1, 27]
 
 

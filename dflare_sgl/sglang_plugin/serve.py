@@ -35,8 +35,8 @@ def launch_command(args: argparse.Namespace) -> list[str]:
         if draft is None:
             raise ValueError(
                 f"no --draft given and no draft ships for target {args.target!r}: pass --draft "
-                "DIR (a QwenDFlareDraftModel checkpoint, e.g. from `dflare init-draft`), or "
-                "--no-speculation to serve the target alone"
+                "DIR (a QwenDFlareDraftModel or Qwen3DFlyModel checkpoint, e.g. from `dflare "
+                "init-draft`), or --no-speculation to serve the target alone"
             )
         if not (Path(draft) / "config.json").is_file():
             raise ValueError(f"draft folder {draft!r} has no config.json: pass a draft checkpoint")

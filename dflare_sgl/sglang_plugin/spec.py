@@ -35,19 +35,17 @@ def _read_config(folder: str, what: str) -> dict[str, Any]:
 
 
 def read_draft_config(draft_path: str) -> DraftConfig:
-    """The DFlare draft config at ``draft_path``; a DFlash checkpoint is refused with a
-    pointer to ``--speculative-algorithm DFLASH``."""
+    """The DFlare or DFly draft config at ``draft_path``; a DFlash checkpoint is refused
+    with a pointer to ``--speculative-algorithm DFLASH``."""
     raw = _read_config(draft_path, "--speculative-draft-model-path")
     archs = raw.get("architectures") or []
     if ARCHITECTURES.get(archs[0] if archs else None) == "shared":
         raise ValueError(
             f"{draft_path} is a DFlash draft ({archs[0]}, one shared fc fusion): serve it with "
-            "--speculative-algorithm DFLASH; DFLARE runs QwenDFlareDraftModel drafts"
+            "--speculative-algorithm DFLASH; DFLARE runs QwenDFlareDraftModel and "
+            "Qwen3DFlyModel drafts"
         )
-    config = DraftConfig.from_dict(raw)
-    if config.fusion != "layerwise":
-        raise ValueError(f"{draft_path}: DFLARE runs QwenDFlareDraftModel drafts, got {archs}")
-    return config
+    return DraftConfig.from_dict(raw)
 
 
 def check_draft_for_target(draft: DraftConfig, target_path: str) -> None:
@@ -126,7 +124,7 @@ class DFlareSpecAlgo(CustomSpecAlgo):
         if server_args.speculative_draft_model_path is None:
             raise ValueError(
                 "DFLARE needs a draft: pass --speculative-draft-model-path "
-                "(a QwenDFlareDraftModel checkpoint folder)"
+                "(a QwenDFlareDraftModel or Qwen3DFlyModel checkpoint folder)"
             )
         if server_args.speculative_draft_window_size is not None:
             raise ValueError(

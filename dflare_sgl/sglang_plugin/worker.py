@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
 
+from dflare_sgl.draft_checkpoint import check_exported_embedding
 from dflare_sgl.layer_mix import layer_mix_kv
 from dflare_sgl.verify import verify_block
 
@@ -34,21 +35,39 @@ _GREEDY_TOP_K = 1
 
 
 class DFlareWorker(DFlashWorkerV2):
-    """``--speculative-algorithm DFLARE``: a DFlash spec-v2 worker for DFlare drafts."""
+    """``--speculative-algorithm DFLARE``: a DFlash spec-v2 worker for DFlare and DFly drafts."""
 
     def __init__(self, server_args, gpu_id, nccl_port, target_worker) -> None:
         super().__init__(server_args, gpu_id, nccl_port, target_worker)
         if not hasattr(self.draft_model, "layer_mix_weights"):
             raise ValueError(
-                f"DFLARE needs a QwenDFlareDraftModel draft, got {type(self.draft_model).__name__}"
+                "DFLARE needs a QwenDFlareDraftModel or Qwen3DFlyModel draft, got "
+                f"{type(self.draft_model).__name__}"
             )
         if self.lilicorr is not None or self.selector is not None or self._is_domino:
             raise ValueError("DFLARE drafts have no selector / LiLiCorr / Domino heads")
         self.mix_weights = self.draft_model.layer_mix_weights()
+        if hasattr(self.draft_model, "bind_target"):  # DFly: its correction head drafts
+            self._bind_dfly_target()
         self._kv_caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         # Fresh Philox keys per verify step for requests without a sampling seed.
         self._seed_generator = torch.Generator(device=self.device)
         self._seed_generator.manual_seed(int(server_args.random_seed or 0))
+
+    def _bind_dfly_target(self) -> None:
+        """Give a DFly draft the target's real-vocabulary ``lm_head`` rows and embedding,
+        after checking the embedding its checkpoint exported."""
+        from sglang.srt.lora.layers import unwrap_lora_layer
+
+        target = self.target_worker.model_runner.model
+        embedding = target.get_input_embeddings()
+        copy, self.draft_model.exported_embedding = self.draft_model.exported_embedding, None
+        if copy is not None:
+            check_exported_embedding(copy, embedding.weight)
+        head = unwrap_lora_layer(target.lm_head)
+        shard = getattr(head, "shard_indices", None)
+        vocab = int(shard.num_org_elements) if shard is not None else head.weight.shape[0]
+        self.draft_model.bind_target(head.weight[:vocab], embedding)
 
     # --- draft context K/V -----------------------------------------------------------------
 
