@@ -1,8 +1,10 @@
-"""Ablations at equal data, steps and seed: DFlare (layer-wise fusion) vs DFlash (shared fusion),
-and the alignment terms added one at a time (plain CE, + positional weighting, + first-error
-focal, + chain). Each variant is trained with ``dflare train``'s trainer on the same data
-folder, then its real tau (greedy speculative decoding, fp32) is measured on held-out
-HumanEval and MT-Bench first turns. Prints a markdown table with deltas.
+"""Ablations at equal data, steps and seed: DFlare (layer-wise fusion) vs DFlash (shared fusion)
+vs DFly (shared + layer-wise residual fusion, correction head), and the alignment terms added
+one at a time (plain CE, + positional weighting, + first-error focal, + chain). Each variant is
+trained with ``dflare train``'s trainer on the same data folder, then its real tau (greedy
+speculative decoding at the fixed block, fp32) is measured on held-out HumanEval and MT-Bench
+first turns, with its tokens/s over the target alone's (HF greedy, run just before it on the
+same prompts and batch). Prints a markdown table with deltas.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_ablations.py --data DATA --out /tmp/ablations \\
         --steps 80 --layers 1 --block-size 8
@@ -37,6 +39,7 @@ VARIANTS: dict[str, dict] = {
     "DFlare, CE + pos + focal": {"chain_weight": 0.0},
     "DFlare, CE + pos + focal + chain": {},
     "DFlash, CE + pos + focal + chain": {"fusion": "shared"},
+    "DFly, CE + pos + focal + chain": {"fusion": "dfly"},
 }
 SETS = ("humaneval", "mtbench")
 
@@ -101,31 +104,39 @@ def main() -> None:
         s: encode_prompts(tok, load_prompts(s, limit=args.eval_prompts), chat=True) for s in SETS
     }
     taus: dict[str, dict[str, float]] = {}
+    speed: dict[str, float] = {}  # tokens/s over the target alone's, both sets together
     for name, folder in folders.items():
         draft = DFlareDraftModel.from_pretrained(folder, dtype=torch.float32)
         decoder = SpeculativeDecoder(target, draft, block_size=draft.block_size)
         taus[name] = {}
+        plain_s = spec_s = 0.0
         for s in SETS:
-            run = evaluation.speculative(
-                decoder, prompts[s], args.max_new_tokens, stops, batch_size=len(prompts[s])
-            )
+            n = len(prompts[s])
+            plain = evaluation.hf_greedy(target, prompts[s], args.max_new_tokens, stops, n)
+            run = evaluation.speculative(decoder, prompts[s], args.max_new_tokens, stops, n)
+            if run.outputs != plain.outputs:
+                raise AssertionError(f"[{name}] {s}: speculative output differs from greedy")
+            plain_s += plain.wall_s / plain.num_tokens
+            spec_s += run.wall_s / run.num_tokens
             taus[name][s] = evaluation.acceptance(run.results, decoder.block_size).tau
-        print(f"[{name}] tau {taus[name]}", flush=True)
+        speed[name] = plain_s / spec_s
+        print(f"[{name}] tau {taus[name]}, {speed[name]:.2f}x the target alone", flush=True)
 
     print(
         f"\nsteps={args.steps} batch={args.batch_size} anchors={args.anchors} layers={args.layers} "
         f"block={args.block_size} lr={args.lr} seed={args.seed} data={args.data}; "
         f"tau = greedy fp32, first {args.eval_prompts} prompts per set, "
-        f"{args.max_new_tokens} new tokens; delta vs the row above\n"
+        f"{args.max_new_tokens} new tokens; delta vs the row above; speed: tokens/s over HF "
+        f"greedy's on the same prompts, {torch.get_num_threads()} threads\n"
     )
-    print("| variant | " + " | ".join(f"tau {s}" for s in SETS) + " | mean | delta |")
-    print("|---|" + "---:|" * (len(SETS) + 2))
+    print("| variant | " + " | ".join(f"tau {s}" for s in SETS) + " | mean | delta | speed |")
+    print("|---|" + "---:|" * (len(SETS) + 3))
     previous = None
     for name, row in taus.items():
         mean = statistics.mean(row.values())
         delta = "" if previous is None else f"{mean - previous:+.3f}"
         cells = " | ".join(f"{row[s]:.3f}" for s in SETS)
-        print(f"| {name} | {cells} | {mean:.3f} | {delta} |")
+        print(f"| {name} | {cells} | {mean:.3f} | {delta} | {speed[name]:.2f}x |")
         previous = mean
 
 

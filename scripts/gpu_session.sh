@@ -9,7 +9,8 @@
 #                                         #   for sm_90, the CUDA tests, both op benchmarks
 #   bash scripts/gpu_session.sh e2e       # device call 2, carry [".gpu/b"]: the target from the
 #                                         #   GGUF, the engine's speedup with the bundled draft,
-#                                         #   step costs by verify length, adaptive vs fixed n
+#                                         #   step costs by verify length, adaptive vs fixed n,
+#                                         #   DFly's sequential head cost
 #   bash scripts/gpu_session.sh train     # device call 3: gen-data and training of a new draft
 #                                         #   (bf16 weights come back in $OUT/draft)
 #
@@ -111,6 +112,11 @@ PY
     --drafts bundled oracle:0.5 oracle:0.2 --batch-sizes 1 4 16 --prompts-per-set 8 \
     --max-new-tokens 64 --repeats 1 2>&1 | tr '\r' '\n' | grep -v 'calibrating' \
     | tee "$OUT/bench_verify_length.log"
+  # DFly's correction head: B-1 dependent head products per step, timed against the draft
+  # pass and the target's verify pass (the CPU side and the roofline are in RESULTS.md).
+  step "DFly sequential head cost (bf16)"
+  "$PY" benchmarks/bench_dfly_head.py --device "$DEVICE" --dtype bfloat16 --block-sizes 8 16 \
+    --batch-sizes 1 16 64 --repeats 20 2>&1 | tee "$OUT/bench_dfly_head.log"
   step "done"
   exit 0
 fi
