@@ -59,15 +59,17 @@ class DFlareWorker(DFlashWorkerV2):
         after checking the embedding its checkpoint exported."""
         from sglang.srt.lora.layers import unwrap_lora_layer
 
+        def real_rows(layer) -> torch.Tensor:
+            # SGLang pads vocabulary-parallel tables; the rows past the real vocabulary are 0.
+            shard = getattr(layer, "shard_indices", None)
+            return layer.weight if shard is None else layer.weight[: int(shard.num_org_elements)]
+
         target = self.target_worker.model_runner.model
         embedding = target.get_input_embeddings()
         copy, self.draft_model.exported_embedding = self.draft_model.exported_embedding, None
         if copy is not None:
-            check_exported_embedding(copy, embedding.weight)
-        head = unwrap_lora_layer(target.lm_head)
-        shard = getattr(head, "shard_indices", None)
-        vocab = int(shard.num_org_elements) if shard is not None else head.weight.shape[0]
-        self.draft_model.bind_target(head.weight[:vocab], embedding)
+            check_exported_embedding(copy, real_rows(embedding))
+        self.draft_model.bind_target(real_rows(unwrap_lora_layer(target.lm_head)), embedding)
 
     # --- draft context K/V -----------------------------------------------------------------
 
