@@ -308,12 +308,7 @@ class DFlareDraftModel(nn.Module):
         """
         if self.hidden_correction is None:
             return pick(hidden[:, 1:])
-        prev, tokens = anchor_ids, []
-        for i in range(1, hidden.shape[1]):
-            corrected = self.hidden_correction(hidden[:, i], embed(prev).to(hidden.dtype))
-            prev = pick(corrected)
-            tokens.append(prev)
-        return torch.stack(tokens, dim=1)
+        return self.hidden_correction.draft(hidden, anchor_ids, embed, pick)[1]
 
     def check_compatible(self, target_config: Any) -> None:
         """Refuse, with the reason, a target this draft cannot run with."""

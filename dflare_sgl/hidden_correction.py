@@ -8,6 +8,8 @@ B-1 small dependent steps. Used by the reference draft model and the SGLang draf
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,3 +50,24 @@ class HiddenCorrection(nn.Module):
         prev = self.embed_norm(prev_embedding.to(hidden.dtype))
         c = torch.cat([self.hidden_norm(hidden), prev], -1)
         return hidden + self.down_proj(F.silu(self.gate_proj(c)) * self.up_proj(c))
+
+    def draft(
+        self,
+        hidden: torch.Tensor,
+        anchor_ids: torch.Tensor,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        pick: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots 1..q-1 of a block, one after another: (corrected states ``[bs, q-1, H]``,
+        picked token ids ``[bs, q-1]``).
+
+        ``hidden [bs, q, H]`` are the backbone's states (slot 0 the anchor's), ``anchor_ids
+        [bs]`` the block's first token; ``embed`` maps ids ``[bs]`` to target embeddings,
+        ``pick`` states to token ids (the head and its argmax). Slot i is corrected by the
+        token picked at slot i-1 (the anchor for slot 1)."""
+        prev, states, tokens = anchor_ids, [], []
+        for i in range(1, hidden.shape[1]):
+            states.append(self(hidden[:, i], embed(prev)))
+            prev = pick(states[-1])
+            tokens.append(prev)
+        return torch.stack(states, dim=1), torch.stack(tokens, dim=1)

@@ -48,8 +48,9 @@ class Blocks:
 
     ``token_ids [b, K*B]`` block tokens ``[x_a, MASK...]``; ``positions [b, K*B]`` their
     absolute positions; ``prev_token_ids [b, K*B]`` the text token before each slot's label
-    (``x_{a+k-1}``; ``x_a`` at slot 0), what DFly's correction head is teacher-forced with; ``labels [b, K, B-1]`` ``x_{a+k}`` (0 where invalid); ``valid
-    [b, K, B-1]`` the label exists and is in the loss mask; ``anchors [b, K]``.
+    (``x_{a+k-1}``; ``x_a`` at slot 0), what DFly's correction head is teacher-forced with;
+    ``labels [b, K, B-1]`` ``x_{a+k}`` (0 where invalid); ``valid [b, K, B-1]`` the label
+    exists and is in the loss mask; ``anchors [b, K]``.
     """
 
     token_ids: torch.Tensor

@@ -98,15 +98,14 @@ class Qwen3DFlyModel(DFlashDraftModel):
             raise RuntimeError("the DFLARE worker binds the target head before drafting")
         block = int(self.block_size)
         states = hidden.view(-1, block, hidden.shape[-1])
-        # The anchor (the last committed token), embedded in full precision.
-        prev = self._target_embedding(input_ids.view(-1, block)[:, 0])
-        corrected = [states[:, 0]]
-        for i in range(1, block):
-            h = self.hidden_correction(states[:, i], prev)
-            token = torch.matmul(h.to(self._head_weight.dtype), self._head_weight.T).argmax(-1)
-            prev = self._target_embedding(token)
-            corrected.append(h)
-        out.hidden_states = torch.stack(corrected, dim=1).view_as(hidden)
+        head = self._head_weight
+        corrected, _ = self.hidden_correction.draft(
+            states,
+            input_ids.view(-1, block)[:, 0],  # the anchor, embedded in full precision
+            self._target_embedding,
+            lambda h: torch.matmul(h.to(head.dtype), head.T).argmax(-1),
+        )
+        out.hidden_states = torch.cat([states[:, :1], corrected], dim=1).view_as(hidden)
         return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -127,7 +126,8 @@ class Qwen3DFlyModel(DFlashDraftModel):
         super().load_weights(renamed())
         required = ["layer_fusion_weights", "fc.weight", "hidden_norm.weight", "norm.weight"]
         if self.hidden_correction is not None:
-            required += [f"hidden_correction.{n}" for n, _ in self.hidden_correction.named_parameters()]
+            names = [n for n, _ in self.hidden_correction.named_parameters()]
+            required += [f"hidden_correction.{n}" for n in names]
         missing = [name for name in required if name not in seen]
         if missing:
             raise ValueError(
