@@ -40,8 +40,11 @@ void check_layer_mix_kv_args(
     const std::optional<at::Tensor>& k_proj_bias, const std::optional<at::Tensor>& v_proj_bias,
     const at::Tensor& k_norm_weight, const at::Tensor& positions, const at::Tensor& cos_sin_cache,
     const at::Tensor& slots, at::TensorList k_caches, at::TensorList v_caches);
-at::Tensor project_layer_mix_context(const at::Tensor& ctx, const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias);
+std::pair<at::Tensor, at::Tensor> project_layer_mix_kv(const at::Tensor& ctx,
+                                                      const at::Tensor& k_weight,
+                                                      const at::Tensor& v_weight,
+                                                      const std::optional<at::Tensor>& k_bias,
+                                                      const std::optional<at::Tensor>& v_bias);
 
 // Argument checks of verify_block (verify_block.cpp), shared with the CUDA kernel.
 void check_verify_block_args(const at::Tensor& draft_tokens, const at::Tensor& logits,
@@ -51,6 +54,14 @@ void check_verify_block_args(const at::Tensor& draft_tokens, const at::Tensor& l
                              const at::Tensor& stop_token_ids, const at::Tensor& block_slots);
 
 #ifdef DFLARE_WITH_CUDA
+// Kernel launches go through this macro so that the test-only CPU emulation of the CUDA
+// execution model (python_tests/cuda_emulation), which defines it first, runs the kernels'
+// source unchanged.
+#if defined(__CUDACC__) && !defined(DFLARE_LAUNCH)
+#define DFLARE_LAUNCH(kernel, grid, threads, stream, ...) \
+  kernel<<<grid, threads, 0, stream>>>(__VA_ARGS__)
+#endif
+
 void layer_mix_kv_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& fusion_probs,
                        const std::optional<at::Tensor>& fc_weight,
                        const at::Tensor& hidden_norm_weight, const at::Tensor& k_proj_weight,

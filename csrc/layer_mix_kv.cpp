@@ -31,15 +31,23 @@ bool is_supported_cache_dtype(at::ScalarType t) {
   return is_supported_hidden_dtype(t) || t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2;
 }
 
+// per_layer: a projection weight [D, O, H] (or bias [D, O]) need only be dense within each
+// layer, the stride between layers is free, so the D layers may be views into fused
+// per-layer tensors (a serving engine's qkv_proj) without a copy.
 void check_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape,
-                  at::ScalarType dtype, const at::Device& device) {
+                  at::ScalarType dtype, const at::Device& device, bool per_layer = false) {
   TORCH_CHECK(t.sizes() == shape, "layer_mix_kv: ", name, " must have shape ", shape, ", got ",
               t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, "layer_mix_kv: ", name, " must be ", dtype, ", got ",
               t.scalar_type());
   TORCH_CHECK(t.device() == device, "layer_mix_kv: ", name, " is on ", t.device(),
               " but hidden is on ", device);
-  TORCH_CHECK(t.is_contiguous(), "layer_mix_kv: ", name, " must be contiguous");
+  if (per_layer) {
+    TORCH_CHECK(t.size(0) == 0 || t[0].is_contiguous(), "layer_mix_kv: ", name,
+                " must be dense within each layer (the stride between layers is free)");
+  } else {
+    TORCH_CHECK(t.is_contiguous(), "layer_mix_kv: ", name, " must be contiguous");
+  }
 }
 
 void check_caches(at::TensorList caches, const char* name, int64_t num_layers,
@@ -89,10 +97,12 @@ void check_layer_mix_kv_args(
   if (fusion_probs) check_tensor(*fusion_probs, "fusion_probs", {d, t}, at::kFloat, device);
   if (fc_weight) check_tensor(*fc_weight, "fc_weight", {h, t * h}, dtype, device);
   check_tensor(hidden_norm_weight, "hidden_norm_weight", {h}, dtype, device);
-  check_tensor(k_proj_weight, "k_proj_weight", {d, o, h}, dtype, device);
-  check_tensor(v_proj_weight, "v_proj_weight", {d, o, h}, dtype, device);
-  if (k_proj_bias) check_tensor(*k_proj_bias, "k_proj_bias", {d, o}, dtype, device);
-  if (v_proj_bias) check_tensor(*v_proj_bias, "v_proj_bias", {d, o}, dtype, device);
+  check_tensor(k_proj_weight, "k_proj_weight", {d, o, h}, dtype, device, /*per_layer=*/true);
+  check_tensor(v_proj_weight, "v_proj_weight", {d, o, h}, dtype, device, /*per_layer=*/true);
+  if (k_proj_bias) check_tensor(*k_proj_bias, "k_proj_bias", {d, o}, dtype, device, true);
+  if (v_proj_bias) check_tensor(*v_proj_bias, "v_proj_bias", {d, o}, dtype, device, true);
+  TORCH_CHECK(k_proj_bias.has_value() == v_proj_bias.has_value(),
+              "layer_mix_kv: pass both projection biases or neither");
   check_tensor(k_norm_weight, "k_norm_weight", {d, hd}, dtype, device);
   check_tensor(positions, "positions", {n}, at::kLong, device);
   check_tensor(slots, "slots", {n}, at::kLong, device);
@@ -104,34 +114,56 @@ void check_layer_mix_kv_args(
   check_caches(v_caches, "v_caches", d, k_caches[0], o / hd, hd);
 }
 
-// The K or V projection of every draft layer: ctx [D, n, H] (one context per layer, DFlare)
-// or [1, n, H] (one shared context, DFlash) -> [D, n, KVH*hd], a view with unit stride in
-// the last dim. Shared by the CPU and CUDA kernels; runs on the matrix units of either.
-at::Tensor project_layer_mix_context(const at::Tensor& ctx, const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias) {
-  const int64_t d = weight.size(0), o = weight.size(1);
+// The K and V projections of every draft layer: ctx [D, n, H] (one context per layer,
+// DFlare / DFly) or [1, n, H] (one shared context, DFlash) -> K, V [D, n, KVH*hd], views with
+// unit stride in the last dim. When each layer's V rows directly follow its K rows in memory
+// (a stacked [D, 2, O, H] buffer, or the K and V rows of fused qkv weights), K and V are one
+// GEMM that reads each context once. Shared by the CPU and CUDA kernels.
+std::pair<at::Tensor, at::Tensor> project_layer_mix_kv(const at::Tensor& ctx,
+                                                      const at::Tensor& k_weight,
+                                                      const at::Tensor& v_weight,
+                                                      const std::optional<at::Tensor>& k_bias,
+                                                      const std::optional<at::Tensor>& v_bias) {
+  const int64_t d = k_weight.size(0), o = k_weight.size(1), h = k_weight.size(2);
+  const bool adjacent =
+      v_weight.stride(0) == k_weight.stride(0) &&
+      static_cast<const char*>(v_weight.data_ptr()) ==
+          static_cast<const char*>(k_weight.data_ptr()) + o * h * k_weight.element_size();
+  const at::Tensor weight = adjacent
+                                ? k_weight.as_strided({d, 2 * o, h}, {k_weight.stride(0), h, 1})
+                                : at::cat({k_weight, v_weight}, 1);
+  std::optional<at::Tensor> bias;
+  if (k_bias) bias = at::cat({*k_bias, *v_bias}, 1);  // [D, 2O]: a few KB
+  at::Tensor kv;
   if (ctx.size(0) == 1) {
     // A shared context (or a single layer): stacking the D weights makes it one GEMM.
     std::optional<at::Tensor> flat_bias;
-    if (bias) flat_bias = bias->view({d * o});
-    return at::linear(ctx[0], weight.view({d * o, -1}), flat_bias).view({-1, d, o}).transpose(0, 1);
+    if (bias) flat_bias = bias->reshape({d * 2 * o});
+    kv = at::linear(ctx[0], weight.reshape({d * 2 * o, h}), flat_bias)
+             .view({-1, d, 2 * o})
+             .transpose(0, 1);
+  } else {
+    const at::Tensor weight_t = weight.transpose(1, 2);
+    kv = bias ? at::baddbmm(bias->unsqueeze(1), ctx, weight_t) : at::bmm(ctx, weight_t);
   }
-  const at::Tensor weight_t = weight.transpose(1, 2);
-  return bias ? at::baddbmm(bias->unsqueeze(1), ctx, weight_t) : at::bmm(ctx, weight_t);
+  return {kv.narrow(2, 0, o), kv.narrow(2, o, o)};
 }
 
 namespace {
 
 // out = weight * (x * rsqrt(mean(x^2) + eps)), the normalised value rounded to scalar_t
-// before the weight multiply, as primitives.rms_norm. `out` may alias `x`.
+// before the weight multiply, as primitives.rms_norm. `out` may alias `x`. The squares are
+// summed in double and rounded once: torch (cascade sums) and the CUDA kernel (tree
+// reductions) are both within an ulp or so of that exact sum, while a sequential float32 sum
+// over thousands of elements drifts far enough to flip bf16 roundings of the output.
 template <typename scalar_t>
 void rms_norm_row(const scalar_t* x, const scalar_t* weight, int64_t n, float eps, scalar_t* out) {
-  float sum_sq = 0.f;
+  double sum_sq = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = static_cast<float>(x[i]);
+    const double v = static_cast<float>(x[i]);
     sum_sq += v * v;
   }
-  const float r = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
+  const float r = 1.f / std::sqrt(static_cast<float>(sum_sq) / static_cast<float>(n) + eps);
   for (int64_t i = 0; i < n; ++i) {
     out[i] = weight[i] * static_cast<scalar_t>(static_cast<float>(x[i]) * r);
   }
@@ -231,8 +263,8 @@ void layer_mix_kv_block(const Args& a, int64_t begin, int64_t end) {
                  base.defined() ? base.data_ptr<scalar_t>() : nullptr, norm_weight, nb, t_layers,
                  d_layers, h, a.eps, ctx.data_ptr<scalar_t>());
   }
-  const at::Tensor k = project_layer_mix_context(ctx, a.k_proj_weight, a.k_proj_bias);
-  const at::Tensor v = project_layer_mix_context(ctx, a.v_proj_weight, a.v_proj_bias);
+  const auto [k, v] = project_layer_mix_kv(ctx, a.k_proj_weight, a.v_proj_weight, a.k_proj_bias,
+                                           a.v_proj_bias);
 
   const int64_t* positions = a.positions.data_ptr<int64_t>() + begin;
   const int64_t* slots = a.slots.data_ptr<int64_t>() + begin;

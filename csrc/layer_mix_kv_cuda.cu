@@ -5,8 +5,9 @@
 //   1. mix_norm_kernel: one CTA per token reads the token's [T, H] hidden states once
 //      (16-byte vector loads), accumulates up to 8 layer mixes per pass in registers, and
 //      writes the D hidden_norm'ed contexts ctx [D, N, H].
-//   2. The K and V projections: one cuBLAS GEMM each, batched over the D layers
-//      ([D, N, H] x [D, H, KVH*hd], bias in the GEMM's epilogue), on the tensor cores.
+//   2. The K and V projections: one cuBLAS GEMM batched over the D layers ([D, N, H] x
+//      [D, H, 2*KVH*hd], bias in the GEMM's epilogue) when each layer's V rows follow its K
+//      rows in memory (the SGLang drafts store them so), else K and V after one concatenation.
 //   3. rope_store_kernel: one warp per (token, layer, kv head) applies k_norm and RoPE,
 //      casts, and scatters K and V into the D paged caches. The cache pointers travel by
 //      value in the kernel parameters: nothing to upload, so the op is CUDA-graph safe.
@@ -38,6 +39,7 @@ namespace {
 constexpr int kLayersPerPass = 8;  // layer mixes held in registers per pass over hidden
 constexpr int kMaxLayers = 64;     // cache pointer table size (2 KiB of kernel parameters)
 constexpr int kWarp = 32;
+constexpr int64_t kTileTokens = 2048;  // tokens per pass of a long prefill
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -210,10 +212,10 @@ void launch_mix_norm(const at::Tensor& src, const float* probs, const scalar_t* 
   const int vec = vectorized ? kVec : 1;
   // 256 threads: two 16-byte vectors each at H=4096 in bf16; fewer for narrow rows.
   const int threads = std::min(256, (h / vec + kWarp - 1) / kWarp * kWarp);
-  auto launch = [&](auto kernel) {
-    kernel<<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
-        src.data_ptr<scalar_t>(), probs, base, norm_weight.data_ptr<scalar_t>(), ctx.data_ptr<scalar_t>(),
-        num_tokens, t_layers, d_layers, h, eps);
+  auto launch = [&](auto mix_norm) {
+    DFLARE_LAUNCH(mix_norm, static_cast<unsigned>(num_tokens), threads, stream,
+                  src.data_ptr<scalar_t>(), probs, base, norm_weight.data_ptr<scalar_t>(),
+                  ctx.data_ptr<scalar_t>(), num_tokens, t_layers, d_layers, h, eps);
   };
   if (vectorized) {
     launch(mix_norm_kernel<scalar_t, kVec>);
@@ -242,11 +244,13 @@ void launch_rope_store(const at::Tensor& k, const at::Tensor& v, const at::Tenso
   constexpr int kThreads = 256;
   const int64_t warps = num_tokens * d_layers * kv_heads;
   const int64_t blocks = (warps * kWarp + kThreads - 1) / kThreads;
-  rope_store_kernel<scalar_t, cache_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      k.data_ptr<scalar_t>(), k.stride(0), k.stride(1), v.data_ptr<scalar_t>(), v.stride(0),
-      v.stride(1), k_norm_weight.data_ptr<scalar_t>(), cos_sin_cache.data_ptr<float>(),
-      positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), table, num_tokens, d_layers,
-      kv_heads, hd, k_caches[0].size(0), cos_sin_cache.size(0), eps);
+  const auto rope_store = rope_store_kernel<scalar_t, cache_t>;
+  DFLARE_LAUNCH(rope_store, static_cast<unsigned>(blocks), kThreads, stream,
+                k.data_ptr<scalar_t>(), k.stride(0), k.stride(1), v.data_ptr<scalar_t>(),
+                v.stride(0), v.stride(1), k_norm_weight.data_ptr<scalar_t>(),
+                cos_sin_cache.data_ptr<float>(), positions.data_ptr<int64_t>(),
+                slots.data_ptr<int64_t>(), table, num_tokens, d_layers, kv_heads, hd,
+                k_caches[0].size(0), cos_sin_cache.size(0), eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -272,36 +276,45 @@ void layer_mix_kv_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>
   const c10::cuda::CUDAGuard guard(hidden.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const float eps_f = static_cast<float>(eps);
-
-  // DFlash mixes with its fc GEMM first; the kernel then only normalises that one context.
-  // DFly adds that GEMM's output to each layer's mix (base) before the norm.
-  const at::Tensor fc_out =
-      fc_weight ? at::linear(hidden.view({n, t * h}), *fc_weight) : at::Tensor();
-  const at::Tensor src = fusion_probs ? hidden : fc_out;
-  at::Tensor ctx = at::empty({fusion_probs ? d : 1, n, h}, hidden.options());
   const float* probs = fusion_probs ? fusion_probs->data_ptr<float>() : nullptr;
   const int src_layers = static_cast<int>(fusion_probs ? t : 1);
-  // clang-format off
-  AT_DISPATCH_V2(hidden.scalar_type(), "layer_mix_kv_cuda", AT_WRAP([&] {
-    const scalar_t* base =
-        fusion_probs && fc_weight ? fc_out.data_ptr<scalar_t>() : nullptr;
-    launch_mix_norm<scalar_t>(src, probs, base, hidden_norm_weight, ctx, src_layers, eps_f,
-                              stream);
-  }), at::kFloat, at::kBFloat16, at::kHalf);
-  // clang-format on
 
-  const at::Tensor k = project_layer_mix_context(ctx, k_proj_weight, k_proj_bias);
-  const at::Tensor v = project_layer_mix_context(ctx, v_proj_weight, v_proj_bias);
+  // Long prefills go tile by tile: the temporaries (fc output, contexts [D, tile, H], projected
+  // K/V) stay bounded (~0.2 GB at Qwen3-8B sizes, not ~0.7 GB at N = 8192), and the three
+  // steps of a tile are the same as of a whole short call.
+  for (int64_t n0 = 0; n0 < n; n0 += kTileTokens) {
+    const int64_t len = std::min(kTileTokens, n - n0);
+    const at::Tensor tile = hidden.narrow(0, n0, len);
+    // DFlash mixes with its fc GEMM first; the kernel then only normalises that one context.
+    // DFly adds that GEMM's output to each layer's mix (base) before the norm.
+    const at::Tensor fc_out =
+        fc_weight ? at::linear(tile.view({len, t * h}), *fc_weight) : at::Tensor();
+    const at::Tensor src = fusion_probs ? tile : fc_out;
+    at::Tensor ctx = at::empty({fusion_probs ? d : 1, len, h}, hidden.options());
+    // clang-format off
+    AT_DISPATCH_V2(hidden.scalar_type(), "layer_mix_kv_cuda", AT_WRAP([&] {
+      const scalar_t* base =
+          fusion_probs && fc_weight ? fc_out.data_ptr<scalar_t>() : nullptr;
+      launch_mix_norm<scalar_t>(src, probs, base, hidden_norm_weight, ctx, src_layers, eps_f,
+                                stream);
+    }), at::kFloat, at::kBFloat16, at::kHalf);
+    // clang-format on
 
-  // clang-format off
-  AT_DISPATCH_V2(hidden.scalar_type(), "layer_mix_kv_cuda", AT_WRAP([&] {
-    using hidden_t = scalar_t;
-    AT_DISPATCH_V2(k_caches[0].scalar_type(), "layer_mix_kv_cuda", AT_WRAP([&] {
-      launch_rope_store<hidden_t, scalar_t>(k, v, k_norm_weight, cos_sin_cache, positions, slots,
-                                            k_caches, v_caches, eps_f, stream);
-    }), at::kFloat, at::kBFloat16, at::kHalf, at::kFloat8_e4m3fn, at::kFloat8_e5m2);
-  }), at::kFloat, at::kBFloat16, at::kHalf);
-  // clang-format on
+    const auto [k, v] =
+        project_layer_mix_kv(ctx, k_proj_weight, v_proj_weight, k_proj_bias, v_proj_bias);
+    const at::Tensor tile_positions = positions.narrow(0, n0, len);
+    const at::Tensor tile_slots = slots.narrow(0, n0, len);
+
+    // clang-format off
+    AT_DISPATCH_V2(hidden.scalar_type(), "layer_mix_kv_cuda", AT_WRAP([&] {
+      using hidden_t = scalar_t;
+      AT_DISPATCH_V2(k_caches[0].scalar_type(), "layer_mix_kv_cuda", AT_WRAP([&] {
+        launch_rope_store<hidden_t, scalar_t>(k, v, k_norm_weight, cos_sin_cache, tile_positions,
+                                              tile_slots, k_caches, v_caches, eps_f, stream);
+      }), at::kFloat, at::kBFloat16, at::kHalf, at::kFloat8_e4m3fn, at::kFloat8_e5m2);
+    }), at::kFloat, at::kBFloat16, at::kHalf);
+    // clang-format on
+  }
 }
 
 }  // namespace dflare

@@ -70,8 +70,11 @@ DFLARE_HOST_DEVICE float gumbel_from_word(uint32_t x) {
 
 // Top-p probability mass of a token whose scaled logit lies dz below the row max:
 // exp(dz) floored to multiples of 2^-32, so that sums are exact and order-independent.
-// exp(-23) * 2^32 < 1, so tokens further below have no mass and skip the exp.
+// exp(-23) * 2^32 < 1, so tokens further below have no mass and skip the exp. A tiny
+// temperature can scale logits to infinity: dz = inf - inf is NaN only for a token at an
+// infinite row max, which has the max's mass (dz = 0); converting NaN would be undefined.
 DFLARE_HOST_DEVICE uint64_t top_p_mass(double dz) {
+  if (dz != dz) dz = 0.0;
   return dz < -23.0 ? 0 : static_cast<uint64_t>(exp(dz) * 4294967296.0);
 }
 

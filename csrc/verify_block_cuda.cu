@@ -8,13 +8,11 @@
 //    (score, index) partial.
 //  * The last CTA to finish a request (an atomic arrival counter per request) reduces that
 //    request's partials to the target tokens and does the tiny accept / stop / commit logic.
-//    The counters live in zero-initialised device memory and the finishing CTA resets its
-//    own, so a launch needs no memset and no allocation beyond the caching allocator's.
+//    Each launch zeroes its own counters (a memset node under CUDA-graph capture), so
+//    launches on different streams or devices never share them.
 //  * Rows with top-k / top-p need whole-row thresholds; the first CTA of such a row finds
 //    them by radix selection (one counting pass per key byte, served mostly from L2) and then
 //    does the Gumbel-max pass itself, while the row's other CTAs only arrive.
-// Consequence of the shared counters: launches on one device must not run concurrently on
-// different streams (an engine verifies one batch at a time).
 #include <ATen/Dispatch_v2.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -34,9 +32,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;             // 16-byte loads in flight per thread
 constexpr int kMaxBlock = 1024;        // the finishing CTA keeps t_0 .. t_{B-1} in shared memory
-constexpr int kMaxRequests = 1 << 16;  // arrival counters available
-
-__device__ unsigned int g_arrivals[kMaxRequests];
 
 using u64 = unsigned long long;
 
@@ -278,7 +273,8 @@ struct VerifyArgs {
   const int64_t *seq_lens, *remaining, *top_k, *seeds, *stop_token_ids, *block_slots;
   const float *temperatures, *top_p;
   int64_t *accept_lens, *committed, *num_committed, *new_seq_lens, *free_slots;
-  u64* partials;  // [bs * B * splits]
+  u64* partials;         // [bs * B * splits]
+  unsigned int* arrivals;  // [bs], zero at launch: CTAs of the request that have finished
   int64_t row_stride, vocab, num_stops;
   int block, splits;
 };
@@ -315,7 +311,6 @@ __device__ void finish_request(const VerifyArgs& a, int64_t req, SharedState& sh
     a.num_committed[req] = n;
     a.new_seq_lens[req] = a.seq_lens[req] + n;
     sh.num_committed = n;
-    g_arrivals[req] = 0;  // every CTA of this request has arrived: ready for the next launch
   }
   __syncthreads();
   for (int k = threadIdx.x; k < a.block; k += blockDim.x) {
@@ -357,7 +352,7 @@ __global__ void __launch_bounds__(kThreads) verify_block_kernel(const VerifyArgs
     a.partials[blockIdx.x] = best;
     __threadfence();  // publish the partial before arriving
     const unsigned arrivals = static_cast<unsigned>(a.block * a.splits);
-    sh.last = atomicAdd(&g_arrivals[req], 1u) == arrivals - 1;
+    sh.last = atomicAdd(&a.arrivals[req], 1u) == arrivals - 1;
   }
   __syncthreads();
   if (sh.last) finish_request(a, req, sh);
@@ -372,10 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_bl
     const at::Tensor& block_slots) {
   check_verify_block_args(draft_tokens, logits, seq_lens, remaining, temperatures, top_k, top_p,
                           seeds, stop_token_ids, block_slots);
-  TORCH_CHECK(logits.is_cuda(), "verify_block_cuda: inputs must be on a CUDA device");
   const int64_t bs = block_slots.size(0), B = block_slots.size(1), vocab = logits.size(1);
-  TORCH_CHECK(bs <= kMaxRequests, "verify_block: at most ", kMaxRequests,
-              " requests per launch, got ", bs, ": split the batch");
   TORCH_CHECK(B <= kMaxBlock, "verify_block: block size at most ", kMaxBlock, ", got ", B);
   TORCH_CHECK(vocab < (int64_t(1) << 31), "verify_block: vocab must be below 2^31");
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -426,10 +418,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_bl
         const int64_t vecs_per_row = vocab * int64_t(sizeof(scalar_t)) / 16;
         const int64_t max_splits = std::max<int64_t>(1, vecs_per_row / (2 * kThreads));
         const int64_t splits = std::clamp<int64_t>((resident + rows - 1) / rows, 1, max_splits);
+        TORCH_CHECK(rows * splits <= INT32_MAX, "verify_block: ", rows,
+                    " rows exceed one launch's grid: split the batch");
         auto partials = at::empty({rows * splits}, opts);
+        auto arrivals = at::zeros({bs}, opts.dtype(at::kInt));
         a.partials = reinterpret_cast<u64*>(partials.data_ptr<int64_t>());
+        a.arrivals = reinterpret_cast<unsigned int*>(arrivals.data_ptr<int32_t>());
         a.splits = static_cast<int>(splits);
-        verify_block_kernel<scalar_t><<<rows * splits, kThreads, 0, stream>>>(a);
+        DFLARE_LAUNCH(verify_block_kernel<scalar_t>, static_cast<unsigned>(rows * splits),
+                      kThreads, stream, a);
       }),
       at::kFloat, at::kBFloat16, at::kHalf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -36,6 +36,7 @@ from torch.profiler import record_function
 from transformers import DynamicCache, PreTrainedModel
 
 from dflare_sgl import cost_model as step_costs
+from dflare_sgl._ext import warn_without_gpu_kernels
 from dflare_sgl.cost_model import CostModel
 from dflare_sgl.draft_model import DFlareDraftModel, capture_target_hidden
 from dflare_sgl.layer_mix import layer_mix_kv
@@ -102,6 +103,7 @@ class SpeculativeDecoder:
         self.target = target.eval()
         self.draft = draft.eval()
         self.device = next(target.parameters()).device
+        warn_without_gpu_kernels(self.device)
         # The longest verify step: the draft's own block unless fixed.
         self.block_size = int(draft.block_size if block_size is None else block_size)
         self.adaptive = block_size is None

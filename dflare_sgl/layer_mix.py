@@ -24,6 +24,8 @@ from dflare_sgl.primitives import apply_rope, rms_norm
 
 _HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CACHE_DTYPES = _HIDDEN_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)
+# Per-layer weights that may be strided across layers (each layer dense).
+_PER_LAYER = ("k_proj_weight", "v_proj_weight", "k_proj_bias", "v_proj_bias")
 
 
 @dataclass
@@ -32,9 +34,14 @@ class LayerMixWeights:
 
     Shapes (D draft layers, T captured target layers, H hidden, KVH kv heads, hd head dim):
       fusion_probs [D, T] float32 softmaxed (DFlare, DFly) or None; fc_weight [H, T*H]
-      (DFlash, DFly) or None (at least one is set); hidden_norm_weight [H]; k_proj_weight / v_proj_weight [D, KVH*hd, H];
-      k_proj_bias / v_proj_bias [D, KVH*hd] or None; k_norm_weight [D, hd];
-      cos_sin_cache [max_pos, hd] float32 (see ``primitives.build_cos_sin_cache``).
+      (DFlash, DFly) or None (at least one is set); hidden_norm_weight [H]; k_proj_weight /
+      v_proj_weight [D, KVH*hd, H]; k_proj_bias / v_proj_bias [D, KVH*hd] or None (both or
+      neither); k_norm_weight [D, hd]; cos_sin_cache [max_pos, hd] float32 (see
+      ``primitives.build_cos_sin_cache``).
+
+    The projections may be views with any stride between layers (each layer dense): a serving
+    engine passes its parameters' own storage. When each layer's V rows follow its K rows in
+    memory the kernels project K and V in one GEMM.
     """
 
     fusion_probs: torch.Tensor | None
@@ -126,6 +133,10 @@ def _check_args(
         w.fusion_probs is not None or w.fc_weight is not None,
         "set fusion_probs (DFlare), fc_weight (DFlash) or both (DFly) in LayerMixWeights",
     )
+    _check(
+        (w.k_proj_bias is None) == (w.v_proj_bias is None),
+        "pass both projection biases or neither",
+    )
     n, t, h = hidden.shape
     d, o = w.k_proj_weight.shape[:2]
     hd = w.head_dim
@@ -154,7 +165,13 @@ def _check_args(
             "fusion_probs and cos_sin_cache in float32, positions and slots int64)",
         )
         _check(x.device == hidden.device, f"{name} is on {x.device}, hidden on {hidden.device}")
-        _check(x.is_contiguous(), f"{name} must be contiguous (call .contiguous() once on it)")
+        if name in _PER_LAYER:  # views into fused per-layer tensors need no copy
+            _check(
+                len(x) == 0 or x[0].is_contiguous(),
+                f"{name} must be dense within each layer (the stride between layers is free)",
+            )
+        else:
+            _check(x.is_contiguous(), f"{name} must be contiguous (call .contiguous() once on it)")
     kvh, num_slots = o // hd, k_caches[0].shape[0] if k_caches else 0
     for name, caches in (("k_caches", k_caches), ("v_caches", v_caches)):
         _check(len(caches) == d, f"{name} has {len(caches)} tensors, expected one per layer ({d})")

@@ -20,7 +20,8 @@ probability):
   * greedy (temperature <= 0): ``argmax`` of the row, lowest index on ties;
   * sampling: ``z = logits.float() / T``; top-k keeps ``v`` iff ``#{u: z_u > z_v} < k``
     (tie-inclusive); top-p then keeps ``v`` iff ``M_above(v) < max(ceil(top_p * M), 1)``
-    with integer masses ``m_u = floor(exp(z_u - max z) * 2**32)`` (float64 exp), ``M_above``
+    with integer masses ``m_u = floor(exp(z_u - max z) * 2**32)`` (float64 exp; 0 stands for
+    ``z_u - max z`` when both are infinite), ``M_above``
     summing ``m_u`` over the kept ``u`` with ``z_u > z_v`` and ``M`` over all kept ``u``: the
     softmax tail-mass test done in exact, order-independent integer sums, so every
     implementation agrees (and the most likely tokens are always kept); then
@@ -128,7 +129,10 @@ def _filter_keep(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     keep = vocab - num_le < k[:, None]
 
     z_max = z_sorted[:, -1:].to(torch.float64)
-    mass = torch.floor(torch.exp(z.to(torch.float64) - z_max) * MASS_SCALE).to(torch.int64)
+    # A tiny temperature can scale logits to infinity: inf - inf is NaN only at an infinite
+    # row max, whose tokens get the max's mass (0 below the max).
+    dz = torch.nan_to_num(z.to(torch.float64) - z_max, nan=0.0)
+    mass = torch.floor(torch.exp(dz) * MASS_SCALE).to(torch.int64)
     cum = (mass * keep).gather(-1, order).cumsum(-1)  # kept mass of the j+1 smallest z
     total = cum[:, -1:]
     mass_above = total - cum.gather(-1, num_le - 1)

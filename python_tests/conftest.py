@@ -24,3 +24,13 @@ def smollm2_dir() -> Path:
 def smollm2_target(smollm2_dir):
     """(model, tokenizer): SmolLM2-135M-Instruct in float32, eval mode, on CPU."""
     return load_target(str(smollm2_dir), dtype=torch.float32, device="cpu")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The CUDA kernel paths executed on the CPU emulation, and the bytes they read."""
+    from cuda_emulator import REPORT
+
+    if REPORT:
+        terminalreporter.section("CUDA kernels run on the CPU emulation")
+        for line in REPORT:
+            terminalreporter.write_line(line)

@@ -37,7 +37,14 @@ DEVICES = [
 
 
 def make_weights(
-    t: int, d: int, fusion: str, bias: bool, dtype: torch.dtype, device: str, gen: torch.Generator
+    t: int,
+    d: int,
+    fusion: str,
+    bias: bool,
+    dtype: torch.dtype,
+    device: str,
+    gen: torch.Generator,
+    h: int = H,
 ) -> LayerMixWeights:
     def rand(*shape: int, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
         x = torch.randn(*shape, generator=gen) * scale + offset
@@ -52,11 +59,11 @@ def make_weights(
             else None
         ),
         fc_weight=(
-            rand(H, t * H, scale=(t * H) ** -0.5) if fusion in ("dflash", "dfly") else None
+            rand(h, t * h, scale=(t * h) ** -0.5) if fusion in ("dflash", "dfly") else None
         ),
-        hidden_norm_weight=rand(H, scale=0.1, offset=1.0),
-        k_proj_weight=rand(d, o, H, scale=H**-0.5),
-        v_proj_weight=rand(d, o, H, scale=H**-0.5),
+        hidden_norm_weight=rand(h, scale=0.1, offset=1.0),
+        k_proj_weight=rand(d, o, h, scale=h**-0.5),
+        v_proj_weight=rand(d, o, h, scale=h**-0.5),
         k_proj_bias=rand(d, o, scale=0.1) if bias else None,
         v_proj_bias=rand(d, o, scale=0.1) if bias else None,
         k_norm_weight=rand(d, HD, scale=0.1, offset=1.0),
@@ -85,10 +92,11 @@ def make_case(
     cache_dtype: torch.dtype | None = None,
     device: str = "cpu",
     seed: int = 0,
+    h: int = H,
 ) -> Case:
     gen = torch.Generator().manual_seed(seed)
     num_slots = n + 11  # some slots are never written
-    hidden = (torch.randn(n, t, H, generator=gen) * 2).to(device=device, dtype=dtype)
+    hidden = (torch.randn(n, t, h, generator=gen) * 2).to(device=device, dtype=dtype)
 
     def caches() -> list[torch.Tensor]:
         return [
@@ -98,7 +106,7 @@ def make_case(
 
     return Case(
         hidden=hidden,
-        w=make_weights(t, d, fusion, bias, dtype, device, gen),
+        w=make_weights(t, d, fusion, bias, dtype, device, gen, h),
         positions=torch.randint(0, MAX_POS, (n,), generator=gen).to(device),
         slots=torch.randperm(num_slots, generator=gen)[:n].to(device),  # shuffled, with gaps
         k_caches=caches(),
@@ -166,6 +174,16 @@ def test_kernel_low_precision_matches_reference(device, dtype, cache_dtype, fusi
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_kernel_bf16_wide_hidden_is_exact(device):
+    """At Qwen-like widths (H = 2048) the RMS of the mixed context is summed accurately enough
+    that every bf16 output equals the reference's (a sequential float32 sum did not: ~500
+    elements off by up to 0.023)."""
+    require_kernel(device)
+    c = make_case(40, t=9, d=7, dtype=torch.bfloat16, device=device, h=2048)
+    assert_caches_match(c, run_op(c), run_reference(c), dict(atol=0, rtol=0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_kernel_float8_cache(device, cache_dtype):
     require_kernel(device)
@@ -193,12 +211,58 @@ def test_kernel_strided_cache_slots(device):
     assert_caches_match(c, run_op(c), run_reference(c), LOW_TOL)
 
 
+def fused_projection_views(c: Case, layout: str) -> None:
+    """Rebind c's K/V projections as views into one buffer, as the SGLang drafts store them:
+    "stacked" [D, 2, O, H] (DFlare: V rows right after K rows, one GEMM for both), "qkv" the K
+    and V rows of fused per-layer [q + 2O, H] weights (DFly; strided across layers), "apart"
+    K and V not adjacent (two projections)."""
+    w = c.w
+    d, o, h = w.k_proj_weight.shape
+    q = 3 * o  # room for query rows before K and V
+    rows = {"stacked": (0, o, 2 * o), "qkv": (q, q + o, q + 2 * o), "apart": (0, 2 * o, 3 * o)}
+    k_at, v_at, width = rows[layout]
+    weight = torch.zeros(d, width + (q if layout == "qkv" else 0), h, dtype=w.k_proj_weight.dtype)
+    weight[:, k_at : k_at + o] = w.k_proj_weight
+    weight[:, v_at : v_at + o] = w.v_proj_weight
+    w.k_proj_weight, w.v_proj_weight = weight[:, k_at : k_at + o], weight[:, v_at : v_at + o]
+    if w.k_proj_bias is not None:
+        bias = torch.zeros(d, weight.shape[1], dtype=w.k_proj_bias.dtype)
+        bias[:, k_at : k_at + o], bias[:, v_at : v_at + o] = w.k_proj_bias, w.v_proj_bias
+        w.k_proj_bias, w.v_proj_bias = bias[:, k_at : k_at + o], bias[:, v_at : v_at + o]
+
+
+@pytest.mark.parametrize("layout", ["stacked", "qkv", "apart"])
+@pytest.mark.parametrize("fusion", ["dflare", "dflash", "dfly"])
+def test_kernel_projection_views(layout, fusion):
+    require_kernel("cpu")
+    c = make_case(21, t=5, d=3, fusion=fusion, bias=True, seed=3)
+    want = run_reference(c)
+    fused_projection_views(c, layout)
+    assert not c.w.k_proj_weight.is_contiguous() or layout == "stacked"
+    assert_caches_match(c, run_op(c), want, FP32_TOL)
+    assert_caches_match(c, run_reference(c), want, FP32_TOL)
+
+
 def test_cpu_kernel_rejects_out_of_range_slot():
     require_kernel("cpu")
     c = make_case(5, t=2, d=2)
     c.slots[3] = c.k_caches[0].shape[0]
     with pytest.raises(RuntimeError, match="slot"):
         run_op(c)
+
+
+@pytest.mark.parametrize("fusion", ["dflare", "dflash", "dfly"])
+def test_op_has_a_fake_kernel(fusion):
+    """opcheck: schema (the caches are mutated in place), fake kernel, autograd registration."""
+    require_kernel("cpu")
+    c = make_case(9, t=3, d=2, fusion=fusion, bias=True)
+    w = c.w
+    torch.library.opcheck(
+        torch.ops.dflare.layer_mix_kv.default,
+        (c.hidden, w.fusion_probs, w.fc_weight, w.hidden_norm_weight, w.k_proj_weight,
+         w.v_proj_weight, w.k_proj_bias, w.v_proj_bias, w.k_norm_weight, w.eps, c.positions,
+         w.cos_sin_cache, c.slots, c.k_caches, c.v_caches),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("fusion", ["dflare", "dflash", "dfly"])
@@ -226,7 +290,16 @@ def _probs_shape(c: Case) -> None:
 
 
 def _bias_shape(c: Case) -> None:
+    c.w.k_proj_bias = torch.zeros(2, KVH * HD)
     c.w.v_proj_bias = torch.zeros(2, KVH * HD + 1)
+
+
+def _one_bias(c: Case) -> None:
+    c.w.k_proj_bias = torch.zeros(2, KVH * HD)
+
+
+def _weight_not_dense_per_layer(c: Case) -> None:
+    c.w.v_proj_weight = c.w.v_proj_weight.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _too_few_caches(c: Case) -> None:
@@ -269,6 +342,8 @@ def _noncontiguous_hidden(c: Case) -> None:
         (_weight_dtype, "k_proj_weight must be torch.float32"),
         (_probs_shape, r"fusion_probs must have shape \(2, 3\)"),
         (_bias_shape, r"v_proj_bias must have shape \(2, 32\)"),
+        (_one_bias, "pass both projection biases or neither"),
+        (_weight_not_dense_per_layer, "v_proj_weight must be dense within each layer"),
         (_too_few_caches, r"v_caches has 1 tensors, expected one per layer \(2\)"),
         (_cache_shape, r"k_caches tensors must all be \[num_slots, 2, 16\]"),
         (_mixed_cache_dtypes, "caches must share one dtype"),

@@ -39,6 +39,16 @@ def test_kernel_matches_f_linear(m: int, n: int, k: int, bias: bool) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+def test_op_has_a_fake_kernel(bias: bool) -> None:
+    """opcheck: schema, fake kernel (so torch.compile traces it), autograd registration."""
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 40, generator=gen), torch.randn(24, 40, generator=gen)
+    b = torch.randn(24, generator=gen) if bias else None
+    torch.library.opcheck(torch.ops.dflare.skinny_linear.default, (x, w, b))
+
+
+@needs_kernel
 def test_kernel_result_does_not_depend_on_threads() -> None:
     """Each output is one thread's fixed-order sum, so thread count cannot change a bit."""
     gen = torch.Generator().manual_seed(0)

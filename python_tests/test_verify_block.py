@@ -18,6 +18,7 @@ from scipy.stats import chisquare
 from dflare_sgl import _ext
 from dflare_sgl.verify import (
     VerifyOutput,
+    _filter_keep,
     philox4x32_10,
     philox_uniform,
     sample_rows,
@@ -203,6 +204,41 @@ def test_top_k_and_top_p_are_tie_inclusive(impl):
     # top-p = 0.9 takes token 5 (mass above it 0.84), not token 1 (mass above 0.95).
     tokens = _sample_once_each(impl, logits, 1.0, 0, 0.9, 2000)
     assert set(tokens.tolist()) == {0, 2, 3, 5}
+
+
+def test_top_p_mass_at_an_infinite_row_max():
+    """A temperature so small that scaled logits overflow to +-inf: the tokens at the infinite
+    max carry the max's mass (z - max z = inf - inf is taken as 0, not converted from NaN), so
+    top-p < 1 keeps exactly them."""
+    z = _f32([[3.0, -1.0, 3.0, 0.0, -2.0]]) / 1e-39
+    assert z[0, 0] == float("inf") and z[0, 1] == float("-inf")
+    keep = _filter_keep(z, _i64([0]), _f32([0.5]))
+    assert keep.tolist() == [[True, False, True, False, False]]
+
+
+def infinite_max_cases():
+    """verify_block inputs (B = 1) whose scaled logits overflow, under several filters."""
+    logits = _f32([[3.0, -1.0, 3.0, 0.0, -2.0] * 40])
+    for top_k, top_p in [(0, 0.5), (3, 0.9), (0, 1.0)]:
+        yield (
+            torch.empty(1, 0, dtype=torch.int64),
+            logits,
+            _i64([7]),
+            _i64([4]),
+            _f32([1e-39]),
+            _i64([top_k]),
+            _f32([top_p]),
+            _i64([11]),
+            _i64([[-1]]),
+            _i64([[3]]),
+        )
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernels_agree_at_an_infinite_row_max(impl):
+    for args in infinite_max_cases():
+        for w, o in zip(verify_block_reference(*args), _run(impl, *args), strict=True):
+            assert torch.equal(w, o)
 
 
 def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
@@ -410,3 +446,42 @@ def test_package_import_registers_ops(disable_ext):
         check=True,
     )
     assert run.stdout.strip() == f"{disable_ext == '0'} [[1, 3]]"
+
+
+def test_cuda_device_without_kernels_is_refused_or_warned(monkeypatch):
+    """On CUDA the references would sync with the host every step: the SGLang worker refuses
+    to start (require_gpu_kernels), the engine warns once (warn_without_gpu_kernels)."""
+    monkeypatch.setenv("DFLARE_DISABLE_EXT", "1")
+    caches = (_ext.extension_loaded, _ext._load_error, _ext._has_kernel, _ext._warn_once)
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        _ext.require_gpu_kernels("cpu")  # CPU: the references are the CPU path's fallback
+        _ext.warn_without_gpu_kernels("cpu")
+        with pytest.raises(RuntimeError) as refused:
+            _ext.require_gpu_kernels("cuda")
+        message = str(refused.value)
+        assert "layer_mix_kv, verify_block" in message and "DFLARE_DISABLE_EXT=1" in message
+        assert "DFLARE_CUDA=1 bash scripts/install_package.sh" in message
+        with pytest.warns(RuntimeWarning, match="running the PyTorch references") as warned:
+            _ext.warn_without_gpu_kernels("cuda")
+            _ext.warn_without_gpu_kernels(torch.device("cuda", 0))
+        assert len(warned) == 1
+    finally:
+        monkeypatch.delenv("DFLARE_DISABLE_EXT")
+        for cached in caches:
+            cached.cache_clear()
+
+
+@pytest.mark.skipif(not _ext.has_kernel("verify_block", "cpu"), reason="needs dflare_sgl._C")
+def test_op_traces_under_torch_compile():
+    """The op's fake kernel lets torch.compile(fullgraph=True) and torch.export trace it;
+    opcheck checks schema, fake shapes and autograd registration against the real kernel."""
+    args = _random_case(3, 4, 1000, torch.float32, seed=1)
+    torch.library.opcheck(torch.ops.dflare.verify_block.default, args)
+
+    @torch.compile(fullgraph=True)
+    def committed_plus_one(*a):
+        return torch.ops.dflare.verify_block(*a)[1] + 1
+
+    assert torch.equal(committed_plus_one(*args), verify_block_reference(*args).committed + 1)
