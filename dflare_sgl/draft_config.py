@@ -50,6 +50,11 @@ _NEUTRAL_EXTRAS = {
     "input_embedding_scale": 1.0,
     "output_multiplier": 1.0,
     "final_logit_softcapping": None,
+    # SGLang's DFlash layers read these; layer_mix_kv and the reference layers implement
+    # Qwen3's rotate-half RoPE and RMSNorm only.
+    "rope_is_neox_style": True,
+    "is_neox_style": True,
+    "use_gemma_norm": False,
 }
 
 
@@ -175,7 +180,8 @@ class DraftConfig:
             if draft_value(name, neutral) != neutral:
                 raise ValueError(
                     f"{name}={draft_value(name)} is not supported (only {neutral!r}): this "
-                    "package runs DFlash, DFlare and DFly drafts without it"
+                    "package's draft layers and kernels implement DFlash, DFlare and DFly "
+                    "drafts without it"
                 )
         ids = draft_value("target_layer_ids")
         if fusion == "dfly":

@@ -10,6 +10,9 @@ SPEC: ``{"engine": {...Engine kwargs...}, "jobs": [{"kind": ..., ...}, ...]}``. 
                 every k-th aborted after its first chunk -> {finished, aborted}
   flush_cache   -> bool (True only when no request holds KV)
   server_info   -> the scheduler's internal state (includes avg_spec_accept_length)
+  update_draft_weights  path (a safetensors file): a live update of the DRAFT's weights from
+                those tensors (SGLang's update_weights_from_tensor, selector "draft")
+                -> {success, message}
 """
 
 from __future__ import annotations
@@ -57,6 +60,27 @@ async def _churn(engine, job):
     return {"finished": finished, "aborted": aborted}
 
 
+def _update_draft_weights(engine, job):
+    from safetensors.torch import load_file
+    from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
+
+    named = list(load_file(job["path"]).items())
+    began, message = engine.begin_weight_update(selector="draft")
+    assert began, message
+    request = UpdateWeightsFromTensorReqInput(
+        serialized_named_tensors=engine._serialize_tensors_per_rank(named, None),
+        load_format=None,
+        flush_cache=True,
+        selector="draft",
+    )
+    success, message = engine.loop.run_until_complete(
+        engine.tokenizer_manager.update_weights_from_tensor(request, None)
+    )
+    ended, end_message = engine.end_weight_update()
+    assert ended, end_message
+    return {"success": bool(success), "message": message}
+
+
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     engine = sgl.Engine(**spec["engine"])
@@ -70,6 +94,8 @@ def main(spec_path: str, out_path: str) -> None:
                 results.append(engine.loop.run_until_complete(_churn(engine, job)))
             elif kind == "flush_cache":
                 results.append(bool(engine.flush_cache().success))
+            elif kind == "update_draft_weights":
+                results.append(_update_draft_weights(engine, job))
             elif kind == "server_info":
                 results.append(engine.get_server_info()["internal_states"][0])
             else:

@@ -4,7 +4,8 @@
   ``DFLARE_TEST_ORACLE`` names a JSON file ``{"entries": [{"prompt": [ids], "continuation":
   [ids]}], "corrupt_every": k}``; one draft token is corrupted in every k-th block (k=0:
   never) so that blocks also end in a rejection.
-* ``DraftRecordingWorker`` leaves the drafts alone and records them (``DFLARE_TEST_RECORD``).
+* ``DraftRecordingWorker`` leaves the drafts alone and records them (``DFLARE_TEST_RECORD``),
+  and every tensor-parallel sync call of the verify step (``DFLARE_TEST_SYNC_RECORD``, if set).
 
 Everything but the draft-token head is the real DFlareWorker (draft forward, layer_mix_kv,
 verify_block, commit / rollback).
@@ -57,10 +58,32 @@ class OracleDraftWorker(_BatchAwareWorker):
         return drafted.flatten()
 
 
+class _RecordedTpSync:
+    """SGLang's SpecTpSync with each ``sync`` call appended to a JSONL file first (at TP = 1
+    nothing is broadcast; the record shows what a TP > 1 deployment would broadcast)."""
+
+    def __init__(self, inner, path: str) -> None:
+        self._inner, self._path = inner, path
+
+    def sync(self, site, values: torch.Tensor) -> torch.Tensor:
+        with open(self._path, "a") as f:
+            record = {"site": site.name, "dtype": str(values.dtype), "values": values.tolist()}
+            f.write(json.dumps(record) + "\n")
+        return self._inner.sync(site, values)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 class DraftRecordingWorker(_BatchAwareWorker):
     """Records what the real draft proposes: for each request and verify step, ``{"prompt",
     "prefix", "block": [x_last, d_1 .. d_{B-1}]}`` appended to the JSONL file named by
     ``DFLARE_TEST_RECORD`` (drafts unchanged; for parity with the reference draft model)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if os.environ.get("DFLARE_TEST_SYNC_RECORD"):
+            self._tp_sync = _RecordedTpSync(self._tp_sync, os.environ["DFLARE_TEST_SYNC_RECORD"])
 
     def _greedy_sample_from_vocab_parallel_head(self, *, hidden_states, lm_head, **kwargs):
         drafted = super()._greedy_sample_from_vocab_parallel_head(

@@ -405,6 +405,12 @@ def test_error_unsupported_settings():
         DraftConfig.from_dict(_config_dict("DFlashDraftModel", num_target_layers=None))
     with pytest.raises(ValueError, match="output_multiplier"):
         DraftConfig.from_dict(_config_dict("DFlashDraftModel", output_multiplier=2.0))
+    # Layouts SGLang's DFlash layers read from a config and layer_mix_kv does not implement.
+    for layout in ({"rope_is_neox_style": False}, {"is_neox_style": False}):
+        with pytest.raises(ValueError, match="neox_style=False is not supported"):
+            DraftConfig.from_dict(_config_dict("QwenDFlareDraftModel", **layout))
+    with pytest.raises(ValueError, match="use_gemma_norm=True is not supported"):
+        DraftConfig.from_dict(_config_dict("Qwen3DFlyModel", use_gemma_norm=True))
 
 
 def test_error_missing_key(tmp_path):

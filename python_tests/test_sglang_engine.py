@@ -12,6 +12,7 @@ check (a leaked KV or request slot raises in the scheduler and fails the run).
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -52,7 +53,9 @@ def _ids(tokenizer, texts):
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
-def _write_draft(target_dir, out_dir, block_size: int, fusion: str = "layerwise", embedding=None):
+def _write_draft(
+    target_dir, out_dir, block_size: int, fusion: str = "layerwise", embedding=None, seed=0
+):
     from transformers import AutoConfig
 
     config = DraftConfig.for_target(
@@ -61,7 +64,7 @@ def _write_draft(target_dir, out_dir, block_size: int, fusion: str = "layerwise"
         block_size=block_size,
         fusion=fusion,
     )
-    draft = DFlareDraftModel(config, generator=torch.Generator().manual_seed(0))
+    draft = DFlareDraftModel(config, generator=torch.Generator().manual_seed(seed))
     if draft.hidden_correction is not None:  # DFly starts with no correction: give it one
         # (strong enough to change most picks, so the correction chain is what is tested)
         with torch.no_grad():
@@ -128,6 +131,7 @@ def dflare_random(smollm2_dir, tokenizer, workdir):
         jobs,
         DFLARE_SGLANG_WORKER="sglang_test_workers:DraftRecordingWorker",
         DFLARE_TEST_RECORD=str(workdir / "drafts.jsonl"),
+        DFLARE_TEST_SYNC_RECORD=str(workdir / "tp_sync.jsonl"),
     )
 
 
@@ -140,11 +144,43 @@ def dfly_random(smollm2_target, smollm2_dir, tokenizer, workdir):
     return run_engine(
         workdir,
         "dfly_random",
-        engine_kwargs(smollm2_dir, draft),
+        engine_kwargs(smollm2_dir, draft, log_level="info"),  # info: the start-up rehearsal
         _greedy_jobs(tokenizer) + [{"kind": "server_info"}],
         DFLARE_SGLANG_WORKER="sglang_test_workers:DraftRecordingWorker",
         DFLARE_TEST_RECORD=str(workdir / "dfly_drafts.jsonl"),
     )
+
+
+def _served_after_update(smollm2_target, smollm2_dir, tokenizer, workdir, fusion: str) -> None:
+    """DFLARE started with one random draft whose weights are then replaced live by another
+    checkpoint's ({fusion}_served; SGLang's update_weights_from_tensor on the draft runner);
+    proposals recorded after the update in {fusion}_updated_drafts.jsonl."""
+    embedding = smollm2_target[0].get_input_embeddings().weight if fusion == "dfly" else None
+    start = _write_draft(smollm2_dir, workdir / f"{fusion}_start", 4, fusion, embedding, seed=5)
+    served = _write_draft(smollm2_dir, workdir / f"{fusion}_served", 4, fusion, embedding, seed=6)
+    jobs = [
+        {"kind": "update_draft_weights", "path": str(served / "model.safetensors")},
+        _greedy_jobs(tokenizer)[0],
+    ]
+    update, _ = run_engine(
+        workdir,
+        f"{fusion}_updated",
+        engine_kwargs(smollm2_dir, start),
+        jobs,
+        DFLARE_SGLANG_WORKER="sglang_test_workers:DraftRecordingWorker",
+        DFLARE_TEST_RECORD=str(workdir / f"{fusion}_updated_drafts.jsonl"),
+    )
+    assert update["success"], update
+
+
+@pytest.fixture(scope="module")
+def dflare_updated(smollm2_target, smollm2_dir, tokenizer, workdir):
+    _served_after_update(smollm2_target, smollm2_dir, tokenizer, workdir, "layerwise")
+
+
+@pytest.fixture(scope="module")
+def dfly_updated(smollm2_target, smollm2_dir, tokenizer, workdir):
+    _served_after_update(smollm2_target, smollm2_dir, tokenizer, workdir, "dfly")
 
 
 @pytest.fixture(scope="module")
@@ -200,13 +236,16 @@ def test_dfly_draft_greedy_matches_target(reference, dfly_random):
 @pytest.mark.parametrize("served,folder,record", [
     ("dflare_random", "draft_b4", "drafts.jsonl"),
     ("dfly_random", "dfly_b4", "dfly_drafts.jsonl"),
+    ("dflare_updated", "layerwise_served", "layerwise_updated_drafts.jsonl"),
+    ("dfly_updated", "dfly_served", "dfly_updated_drafts.jsonl"),
 ])
 def test_draft_proposals_match_reference_model(
     request, smollm2_target, tokenizer, workdir, reference, served, folder, record
 ):
     """SGLang's draft classes (QwenDFlareDraftModel; Qwen3DFlyModel with its correction
     chain) with layer_mix_kv context propose the tokens that the package's reference
-    DFlareDraftModel proposes from the same checkpoint and context."""
+    DFlareDraftModel proposes from the same checkpoint and context; after a live weight
+    update, from the new checkpoint."""
     request.getfixturevalue(served)
     model, _ = smollm2_target
     draft = DFlareDraftModel.from_pretrained(workdir / folder)
@@ -241,6 +280,36 @@ def test_draft_proposals_match_reference_model(
         matches += sum(a == b for a, b in zip(proposed, r["block"][1:], strict=True))
     # fp32 on both sides; only summation order differs between the two implementations.
     assert matches / (len(records) * (block - 1)) >= 0.95, matches
+
+
+def test_verify_decision_goes_through_tensor_parallel_sync(dflare_random, workdir):
+    """Each verify step hands rank 0's decision (accept lengths, committed counts, committed
+    tokens) to SGLang's SpecTpSync, at DFlash's greedy or sampled accept site: broadcast to
+    the TP group when SGLANG_SPEC_TP_SYNC selects that site."""
+    calls = [json.loads(line) for line in (workdir / "tp_sync.jsonl").open()]
+    ours = [c for c in calls if c["site"] in ("DFLASH_ACCEPT_GREEDY", "DFLASH_ACCEPT_SAMPLE")]
+    assert ours and len(ours) % 3 == 0
+    sites = set()
+    for accept, committed_count, committed in zip(ours[::3], ours[1::3], ours[2::3], strict=True):
+        assert accept["site"] == committed_count["site"] == committed["site"]
+        sites.add(accept["site"])
+        assert accept["dtype"] == committed_count["dtype"] == committed["dtype"] == "torch.int64"
+        for a, n, row in zip(accept["values"], committed_count["values"], committed["values"],
+                             strict=True):  # fmt: skip
+            assert n == a + 1 and len(row) == 4  # block 4; no budget cut in the worker
+            assert all(t >= 0 for t in row[:n]) and all(t == -1 for t in row[n:])
+    # The churn job mixes greedy and sampled requests.
+    assert sites == {"DFLASH_ACCEPT_GREEDY", "DFLASH_ACCEPT_SAMPLE"}
+
+
+def test_startup_rehearses_the_dflare_ops(dfly_random, workdir):
+    """Before the KV pool is sized, the worker runs verify_block at the largest verify batch
+    and layer_mix_kv over a prefill tile (on a GPU their peak memory becomes headroom)."""
+    log = (workdir / "dfly_random.log").read_text()
+    pattern = r"DFLARE pre-warm: verify_block (\d+)x4x\d+ .*layer_mix_kv (\d+) tokens"
+    rehearsal = re.search(pattern, log)
+    assert rehearsal, log[-2000:]
+    assert int(rehearsal[1]) >= 1 and int(rehearsal[2]) == 32  # block 4; chunked prefill 32
 
 
 def test_accept_length_in_server_info(dflare_random):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
 import sys
 from importlib.metadata import entry_points
 
@@ -198,3 +200,55 @@ def test_cpu_standin_ops(sglang_cpu):
     assert v[0].tolist() == [4, 5] and v[3].tolist() == [2, 3]
     with pytest.raises(NotImplementedError, match="stand-in"):
         sgl_kernel.fused_moe_cpu()
+
+
+def test_context_rope_table_refuses_layouts_the_op_does_not_rotate(sglang_cpu):
+    from sglang.srt.layers.rotary_embedding import get_rope
+
+    from dflare_sgl.sglang_plugin.models.layer_mix_params import context_rope_table
+
+    rope = {"max_position": 128, "base": 10000}
+    table = context_rope_table(get_rope(64, rotary_dim=64, **rope), 64)
+    assert table.shape == (128, 64) and table.dtype == torch.float32
+    with pytest.raises(ValueError, match="interleaved"):
+        context_rope_table(get_rope(64, rotary_dim=64, is_neox_style=False, **rope), 64)
+    with pytest.raises(ValueError, match="rotates 32 of 64 head dims"):
+        context_rope_table(get_rope(64, rotary_dim=32, **rope), 64)
+
+
+_RESOLVE_FROM_HUB_CACHE = """
+import json, sys
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.arg_groups.overrides import resolved_view
+from sglang.srt.server_args import ServerArgs
+
+args = ServerArgs(model_path="dflare-test/target", device="cpu", speculative_algorithm="DFLARE",
+                  speculative_draft_model_path="dflare-test/draft")
+args.resolve_once()
+print(json.dumps({"block": resolved_view(args).speculative_num_draft_tokens}))
+"""
+
+
+def test_hub_ids_resolve_as_sglang_resolves_its_models(smollm2_dir, draft_config, tmp_path):
+    """`--model-path org/name` and a draft hub id work as for SGLang's own models: here both
+    come from a local Hugging Face cache layout, offline (no hub in tests)."""
+    hub = tmp_path / "hub"
+    for repo, source in (("target", smollm2_dir), ("draft", None)):
+        snapshot = hub / f"models--dflare-test--{repo}" / "snapshots" / "0123abcd"
+        snapshot.mkdir(parents=True)
+        (snapshot.parents[1] / "refs").mkdir()
+        (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+        if source is None:
+            (snapshot / "config.json").write_text(json.dumps(draft_config))
+        else:
+            for f in source.iterdir():
+                (snapshot / f.name).symlink_to(f)
+    env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", SGLANG_USE_CPU_ENGINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(cpu_compat.STANDIN_DIR), env.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [sys.executable, "-c", _RESOLVE_FROM_HUB_CACHE], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"block": 8}

@@ -11,7 +11,6 @@ target layers are read by the worker from the same config.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,20 +23,25 @@ NAME = "DFLARE"
 DEFAULT_MAX_RUNNING_REQUESTS = 48
 
 
-def _read_config(folder: str, what: str) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
+def _read_config(path: str, what: str, revision: str | None) -> dict[str, Any]:
+    """config.json of a local folder or a hub id, as SGLang resolves its model paths (the
+    hub's cache first, offline mode and HF_ENDPOINT honoured)."""
+    from transformers import PretrainedConfig
+
     try:
-        return json.loads(path.read_text())
+        config, _ = PretrainedConfig.get_config_dict(path, revision=revision)
     except OSError as e:
         raise ValueError(
-            f"DFLARE needs a local {what} folder with a config.json, cannot read {path}: {e}"
+            f"DFLARE cannot read the config.json of {what} {path!r} (a local folder or a hub "
+            f"id): {e}"
         ) from e
+    return config
 
 
-def read_draft_config(draft_path: str) -> DraftConfig:
-    """The DFlare or DFly draft config at ``draft_path``; a DFlash checkpoint is refused
-    with a pointer to ``--speculative-algorithm DFLASH``."""
-    raw = _read_config(draft_path, "--speculative-draft-model-path")
+def read_draft_config(draft_path: str, revision: str | None = None) -> DraftConfig:
+    """The DFlare or DFly draft config at ``draft_path`` (folder or hub id); a DFlash
+    checkpoint is refused with a pointer to ``--speculative-algorithm DFLASH``."""
+    raw = _read_config(draft_path, "--speculative-draft-model-path", revision)
     archs = raw.get("architectures") or []
     if ARCHITECTURES.get(archs[0] if archs else None) == "shared":
         raise ValueError(
@@ -48,11 +52,18 @@ def read_draft_config(draft_path: str) -> DraftConfig:
     return DraftConfig.from_dict(raw)
 
 
-def check_draft_for_target(draft: DraftConfig, target_path: str) -> None:
-    """Refuse a draft whose hidden size, captured layers or mask id do not fit the target."""
-    from transformers import AutoConfig
+def check_draft_for_target(draft: DraftConfig, server_args) -> None:
+    """Refuse a draft whose hidden size, captured layers or mask id do not fit the target,
+    whose config is read by SGLang's own loader (folder or hub id, ``--revision``,
+    ``--trust-remote-code`` and ``--json-model-override-args`` honoured)."""
+    from sglang.srt.utils.hf_transformers_utils import get_config
 
-    target_config = AutoConfig.from_pretrained(target_path, local_files_only=True)
+    target_config = get_config(
+        server_args.model_path,
+        trust_remote_code=server_args.trust_remote_code,
+        revision=server_args.revision,
+        model_override_args=json.loads(server_args.json_model_override_args or "{}"),
+    )
     with torch.device("meta"):
         DFlareDraftModel(draft).check_compatible(target_config)
 
@@ -133,8 +144,11 @@ class DFlareSpecAlgo(CustomSpecAlgo):
             )
         if server_args.pp_size != 1:
             raise ValueError("DFLARE supports pipeline parallel size 1 only: drop --pp-size")
-        draft = read_draft_config(server_args.speculative_draft_model_path)
-        check_draft_for_target(draft, server_args.model_path)
+        draft = read_draft_config(
+            server_args.speculative_draft_model_path,
+            server_args.speculative_draft_model_revision,
+        )
+        check_draft_for_target(draft, server_args)
         server_args.speculative_num_draft_tokens = resolve_block_size(
             draft, server_args.speculative_num_draft_tokens
         )

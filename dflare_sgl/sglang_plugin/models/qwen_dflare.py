@@ -26,6 +26,7 @@ from sglang.srt.runtime_context import get_parallel
 from torch import nn
 
 from dflare_sgl.layer_mix import LayerMixWeights
+from dflare_sgl.sglang_plugin.models.layer_mix_params import StackedParameters, context_rope_table
 
 
 class QwenDFlareDraftModel(DFlashDraftModel):
@@ -52,10 +53,19 @@ class QwenDFlareDraftModel(DFlashDraftModel):
         )
         bias = bool(getattr(config, "attention_bias", False))
         kv_out = attn0.total_num_kv_heads * attn0.head_dim
-        for layer in self.layers:
-            attn = layer.self_attn
+        attns = [layer.self_attn for layer in self.layers]
+        for attn in attns:
             attn.k_proj_target = ColumnParallelLinear(attn.hidden_size, kv_out, bias=bias)
             attn.v_proj_target = ColumnParallelLinear(attn.hidden_size, kv_out, bias=bias)
+        # What layer_mix_kv reads, stored in place: each layer's K rows then its V rows
+        # ([D, 2, O, H], so the op projects both in one GEMM), and the k_norm weights.
+        kv = [p for a in attns for p in (a.k_proj_target.weight, a.v_proj_target.weight)]
+        self._kv_weight = StackedParameters(kv)
+        kv_bias = [p for a in attns for p in (a.k_proj_target.bias, a.v_proj_target.bias)]
+        self._kv_bias = StackedParameters(kv_bias) if bias else None
+        self._k_norm = StackedParameters([a.k_norm.weight for a in attns])
+        self._rope_table: torch.Tensor | None = None
+        self._loaded = False
 
     def project_target_hidden(self, target_hidden: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(
@@ -82,6 +92,9 @@ class QwenDFlareDraftModel(DFlashDraftModel):
                 yield name, tensor
 
         super().load_weights(recorded())
+        if self._loaded:  # a live weight update may send any subset of the tensors
+            return
+        self._loaded = True
         required = ["layer_fusion_weights", "hidden_norm.weight"] + [
             f"layers.{i}.self_attn.{proj}.weight"
             for i in range(len(self.layers))
@@ -94,24 +107,27 @@ class QwenDFlareDraftModel(DFlashDraftModel):
             )
 
     def layer_mix_weights(self) -> LayerMixWeights:
-        """The stacked weights ``layer_mix_kv`` reads (this rank's KV-head shard).
-
-        Built once after loading (stacked copies: the op reads ``[D, KVH*hd, H]`` tensors).
-        RoPE uses the draft attention's own table, so context and block keys agree.
-        """
-        attn = [layer.self_attn for layer in self.layers]
-        bias = attn[0].k_proj_target.bias is not None
+        """What ``layer_mix_kv`` reads (this rank's KV-head shard), as views of the parameters'
+        own storage: current after live weight updates, and no second copy. Cheap to build
+        per call (views and a [D, T] softmax). RoPE uses the draft attention's own table, so
+        context and block keys agree."""
+        attn = self.layers[0].self_attn
+        if self._rope_table is None:
+            self._rope_table = context_rope_table(attn.rotary_emb, attn.head_dim)
+        d = len(self.layers)
+        kv = self._kv_weight.tensor().view(d, 2, *self._kv_weight.params[0].shape)
+        kv_bias = None if self._kv_bias is None else self._kv_bias.tensor().view(d, 2, -1)
         return LayerMixWeights(
-            fusion_probs=self.layer_fusion_weights.float().softmax(-1).contiguous(),
+            fusion_probs=self.layer_fusion_weights.float().softmax(-1),
             fc_weight=None,
-            hidden_norm_weight=self.hidden_norm.weight.contiguous(),
-            k_proj_weight=torch.stack([a.k_proj_target.weight for a in attn]),
-            v_proj_weight=torch.stack([a.v_proj_target.weight for a in attn]),
-            k_proj_bias=torch.stack([a.k_proj_target.bias for a in attn]) if bias else None,
-            v_proj_bias=torch.stack([a.v_proj_target.bias for a in attn]) if bias else None,
-            k_norm_weight=torch.stack([a.k_norm.weight for a in attn]),
+            hidden_norm_weight=self.hidden_norm.weight,
+            k_proj_weight=kv[:, 0],
+            v_proj_weight=kv[:, 1],
+            k_proj_bias=None if kv_bias is None else kv_bias[:, 0],
+            v_proj_bias=None if kv_bias is None else kv_bias[:, 1],
+            k_norm_weight=self._k_norm.tensor(),
             eps=float(self.rms_norm_eps),
-            cos_sin_cache=attn[0].rotary_emb.cos_sin_cache.float().contiguous(),
+            cos_sin_cache=self._rope_table,
         )
 
 

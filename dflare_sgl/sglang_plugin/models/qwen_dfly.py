@@ -31,6 +31,7 @@ from torch import nn
 from dflare_sgl.draft_checkpoint import EMBEDDING, FILE_NAMES
 from dflare_sgl.hidden_correction import HiddenCorrection
 from dflare_sgl.layer_mix import LayerMixWeights
+from dflare_sgl.sglang_plugin.models.layer_mix_params import StackedParameters, context_rope_table
 
 _MODEL_NAMES = {file: model for model, file in FILE_NAMES["dfly"].items()}
 
@@ -68,6 +69,15 @@ class Qwen3DFlyModel(DFlashDraftModel):
             if getattr(config, "enable_hidden_correction", True)
             else None
         )
+        # What layer_mix_kv reads, stored in place: the layers' fused qkv weights (and biases)
+        # and their k_norm weights, each as one stacked tensor.
+        attns = [layer.self_attn for layer in self.layers]
+        self._qkv_weight = StackedParameters([a.qkv_proj.weight for a in attns])
+        has_bias = attns[0].qkv_proj.bias is not None
+        self._qkv_bias = StackedParameters([a.qkv_proj.bias for a in attns]) if has_bias else None
+        self._k_norm = StackedParameters([a.k_norm.weight for a in attns])
+        self._rope_table: torch.Tensor | None = None
+        self._loaded = False
         # DFly's frozen copy of the target embedding: checked by the worker, then dropped.
         self.exported_embedding: torch.Tensor | None = None
         self._head_weight: torch.Tensor | None = None
@@ -124,6 +134,9 @@ class Qwen3DFlyModel(DFlashDraftModel):
                 yield name, tensor
 
         super().load_weights(renamed())
+        if self._loaded:  # a live weight update may send any subset of the tensors
+            return
+        self._loaded = True
         required = ["layer_fusion_weights", "fc.weight", "hidden_norm.weight", "norm.weight"]
         if self.hidden_correction is not None:
             names = [n for n, _ in self.hidden_correction.named_parameters()]
@@ -135,26 +148,26 @@ class Qwen3DFlyModel(DFlashDraftModel):
             )
 
     def layer_mix_weights(self) -> LayerMixWeights:
-        """The stacked weights ``layer_mix_kv`` reads: both mixes, and each layer's K and V
-        rows of its fused ``qkv_proj`` (context and block share them, as in DFlash)."""
-        attn = [layer.self_attn for layer in self.layers]
-
-        def rows(a, which: int) -> slice:
-            start = a.q_size + which * a.kv_size
-            return slice(start, start + a.kv_size)
-
-        bias = attn[0].qkv_proj.bias is not None
+        """What ``layer_mix_kv`` reads: both mixes, and each layer's K and V rows of its fused
+        ``qkv_proj`` (context and block share them, as in DFlash), as views of the
+        parameters' own storage (current after live weight updates, no second copy)."""
+        attn = self.layers[0].self_attn
+        if self._rope_table is None:
+            self._rope_table = context_rope_table(attn.rotary_emb, attn.head_dim)
+        q, kv = attn.q_size, attn.kv_size
+        qkv = self._qkv_weight.tensor()  # [D, q + 2 kv, H]: V rows right after K rows
+        qkv_bias = None if self._qkv_bias is None else self._qkv_bias.tensor()
         return LayerMixWeights(
-            fusion_probs=self.layer_fusion_weights.float().softmax(-1).contiguous(),
-            fc_weight=self.fc.weight.contiguous(),
-            hidden_norm_weight=self.hidden_norm.weight.contiguous(),
-            k_proj_weight=torch.stack([a.qkv_proj.weight[rows(a, 0)] for a in attn]),
-            v_proj_weight=torch.stack([a.qkv_proj.weight[rows(a, 1)] for a in attn]),
-            k_proj_bias=torch.stack([a.qkv_proj.bias[rows(a, 0)] for a in attn]) if bias else None,
-            v_proj_bias=torch.stack([a.qkv_proj.bias[rows(a, 1)] for a in attn]) if bias else None,
-            k_norm_weight=torch.stack([a.k_norm.weight for a in attn]),
+            fusion_probs=self.layer_fusion_weights.float().softmax(-1),
+            fc_weight=self.fc.weight,
+            hidden_norm_weight=self.hidden_norm.weight,
+            k_proj_weight=qkv[:, q : q + kv],
+            v_proj_weight=qkv[:, q + kv : q + 2 * kv],
+            k_proj_bias=None if qkv_bias is None else qkv_bias[:, q : q + kv],
+            v_proj_bias=None if qkv_bias is None else qkv_bias[:, q + kv : q + 2 * kv],
+            k_norm_weight=self._k_norm.tensor(),
             eps=float(self.rms_norm_eps),
-            cos_sin_cache=attn[0].rotary_emb.cos_sin_cache.float().contiguous(),
+            cos_sin_cache=self._rope_table,
         )
 
 
