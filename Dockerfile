@@ -6,9 +6,10 @@ FROM lmsysorg/sglang:v0.5.23
 
 # GPU architectures of the extension's CUDA kernels. A cubin runs on its own major family
 # only: 9.0 Hopper (H100, H200); 10.0 datacenter Blackwell (B200, GB200; B300 runs the sm_100
-# cubin); 12.0 RTX Blackwell (RTX PRO 6000, RTX 50xx). Narrow it for a faster build, e.g.
+# cubin); 12.0 RTX Blackwell (RTX PRO 6000, RTX 50xx); +PTX lets newer GPUs JIT-compile the
+# kernels. Narrow it for a faster build, e.g.
 #   docker build --build-arg TORCH_CUDA_ARCH_LIST=9.0 .
-ARG TORCH_CUDA_ARCH_LIST="9.0;10.0;12.0"
+ARG TORCH_CUDA_ARCH_LIST="9.0;10.0;12.0+PTX"
 ARG MAX_JOBS=8
 
 # The image's Python is the system one; pip must be allowed to install next to SGLang there.

@@ -8,8 +8,8 @@ Environment:
   DFLARE_BUILD_EXT=0   skip the extension entirely (pure Python install).
   DFLARE_CUDA=0|1      force the CUDA kernels off / on (default: on when torch is a CUDA
                        build and nvcc is found; a GPU is not needed to compile them).
-  TORCH_CUDA_ARCH_LIST GPU architectures to compile for (default "9.0" when no GPU is
-                       visible to detect them from).
+  TORCH_CUDA_ARCH_LIST GPU architectures to compile for (default, when no GPU is visible to
+                       detect them from: DEFAULT_CUDA_ARCH_LIST).
   MAX_JOBS             parallel compile jobs (ninja).
 """
 
@@ -17,6 +17,11 @@ import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
+
+# Hopper, datacenter Blackwell and RTX Blackwell cubins (the Dockerfile's list), plus PTX of
+# the newest, which the driver compiles on GPUs newer than all three: without it, the first
+# launch there fails with "no kernel image is available".
+DEFAULT_CUDA_ARCH_LIST = "9.0;10.0;12.0+PTX"
 
 ROOT = Path(__file__).parent
 
@@ -61,7 +66,7 @@ def _extensions():
         return [ext], {"build_ext": BuildExtension}
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
     include_dirs = []
     try:  # CUDA 13 wheels keep the cuBLAS/cuSPARSE headers ATen/cuda includes here.
         import nvidia

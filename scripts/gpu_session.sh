@@ -6,7 +6,8 @@
 #
 #   bash scripts/gpu_session.sh payload   # HERE, after scripts/setup_env.sh: fills .gpu/a, .gpu/b
 #   bash scripts/gpu_session.sh ops       # device call 1, carry [".gpu/a"]: build the extension
-#                                         #   for sm_90, the CUDA tests, both op benchmarks
+#                                         #   for sm_90, the CUDA tests, the kernels beside their
+#                                         #   CPU emulation, both op benchmarks
 #   bash scripts/gpu_session.sh e2e       # device call 2, carry [".gpu/b"]: the target from the
 #                                         #   GGUF, the engine's speedup with the bundled draft,
 #                                         #   step costs by verify length, adaptive vs fixed n,
@@ -67,6 +68,11 @@ if [ "$phase" = ops ]; then
   step "CUDA tests"
   "$PY" -m pytest -q -rs python_tests/test_verify_block.py python_tests/test_layer_mix_kv.py \
     python_tests/test_training_blocks.py 2>&1 | tee "$OUT/ops_tests.log" | tail -15
+  # The CPU emulation of the CUDA execution model runs these kernels in CI: here the same
+  # shapes run on the device and the emulation side by side (outputs compared).
+  step "CUDA kernels vs their CPU emulation"
+  timeout 420 "$PY" -m pytest -q -rs python_tests/test_cuda_emulation.py -k device 2>&1 \
+    | tee "$OUT/emulation_vs_device.log" | tail -8
   step "verify_block benchmark"
   "$PY" benchmarks/bench_verify_block.py --device "$DEVICE" 2>&1 | tee "$OUT/bench_verify_block.log"
   "$PY" benchmarks/bench_verify_block.py --device "$DEVICE" --temperature 0.7 --top-k 50 \

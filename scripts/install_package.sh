@@ -5,7 +5,8 @@
 # set-up (scripts/setup_env.sh, into .venv) and the Dockerfile (into the SGLang image's Python).
 #   bash scripts/install_package.sh [python]         (default: python3)
 # Environment, read by setup.py:
-#   TORCH_CUDA_ARCH_LIST  GPU architectures of the CUDA kernels (default here: 9.0)
+#   TORCH_CUDA_ARCH_LIST  GPU architectures of the CUDA kernels (default: setup.py's
+#                         DEFAULT_CUDA_ARCH_LIST without a GPU, the visible GPUs' with one)
 #   MAX_JOBS              parallel compile jobs (default here: 2)
 #   DFLARE_CUDA=0|1       CUDA kernels off / on, failing without nvcc (default: on if found)
 #   DFLARE_BUILD_EXT=0    no extension at all (pure Python)
@@ -16,6 +17,5 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e "$ROOT"
