@@ -252,3 +252,33 @@ def test_hub_ids_resolve_as_sglang_resolves_its_models(smollm2_dir, draft_config
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"block": 8}
+
+
+@pytest.mark.parametrize("backend", [None, "fa3"])
+def test_gpu_server_args_resolve_as_dflash_does(sglang_cpu, smollm2_dir, tmp_path, backend):
+    """On a CUDA device, DFLARE's resolved server arguments equal DFLASH's for the same
+    inputs (a DFlash and a DFlare draft of one shape), the algorithm and draft path aside:
+    the draft attention backend is resolved by SGLang's own DFLASH code."""
+    from sglang.srt.arg_groups.overrides import field_names, resolved_view
+    from sglang.srt.server_args import ServerArgs
+
+    resolved = {}
+    for algorithm, fusion in (("DFLASH", "shared"), ("DFLARE", "layerwise")):
+        config = DraftConfig.for_target(
+            AutoConfig.from_pretrained(smollm2_dir), num_draft_layers=2, block_size=8, fusion=fusion
+        )
+        DFlareDraftModel(config, generator=torch.Generator().manual_seed(0)).save_pretrained(
+            tmp_path / fusion
+        )
+        extra = {} if backend is None else {"attention_backend": backend}
+        args = ServerArgs(
+            model_path=str(smollm2_dir), device="cuda", speculative_algorithm=algorithm,
+            speculative_draft_model_path=str(tmp_path / fusion), mem_fraction_static=0.8,
+            random_seed=0, **extra,
+        )  # fmt: skip
+        args.resolve_once()
+        view = resolved_view(args)
+        resolved[algorithm] = {f: repr(getattr(view, f, None)) for f in field_names(ServerArgs)}
+    differing = {f for f in resolved["DFLASH"] if resolved["DFLASH"][f] != resolved["DFLARE"][f]}
+    assert differing == {"speculative_algorithm", "speculative_draft_model_path"}
+    assert resolved["DFLARE"]["speculative_draft_attention_backend"] != "None"

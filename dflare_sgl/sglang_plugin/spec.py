@@ -131,7 +131,7 @@ class DFlareSpecAlgo(CustomSpecAlgo):
 
     def handle_server_args(self, server_args) -> None:
         """Resolve DFLARE's settings on SGLang's server-args recorder (plain attribute
-        writes), refusing what cannot work."""
+        writes), refusing what cannot work; on GPUs the rest is SGLang's DFLASH handling."""
         if server_args.speculative_draft_model_path is None:
             raise ValueError(
                 "DFLARE needs a draft: pass --speculative-draft-model-path "
@@ -156,7 +156,16 @@ class DFlareSpecAlgo(CustomSpecAlgo):
         server_args.speculative_eagle_topk = 1
         if server_args.max_running_requests is None:
             server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
-        if server_args.device == "cpu":
+        if server_args.device != "cpu":
+            # Everything else exactly as DFLASH resolves it: the platform check, the
+            # dp-attention requirements, the draft attention backend (the platform's supported
+            # list, its fallback, trtllm_mha moved off for bidirectional drafts). The settings
+            # above are already decided, so it keeps them. (It refuses device "cpu", where
+            # cpu_compat's CPU settings apply instead.)
+            from sglang.srt.arg_groups.speculative_hook import _handle_dflash
+
+            _handle_dflash(server_args)
+        else:
             from dflare_sgl.sglang_plugin import cpu_compat
 
             cpu_compat.adjust_server_args(server_args)
