@@ -114,11 +114,33 @@ void check_layer_mix_kv_args(
   check_caches(v_caches, "v_caches", d, k_caches[0], o / hd, hd);
 }
 
+namespace {
+
+// weight [D, R, H] (each layer dense), bias [D, R] or none: ctx [D, n, H] or [1, n, H] ->
+// [D, n, R], a view with unit stride in the last dim.
+at::Tensor project_context(const at::Tensor& ctx, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias) {
+  const int64_t d = weight.size(0), r = weight.size(1), h = weight.size(2);
+  if (ctx.size(0) == 1) {
+    // A shared context (or a single layer): stacking the D weights makes it one GEMM.
+    std::optional<at::Tensor> flat_bias;
+    if (bias) flat_bias = bias->reshape({d * r});
+    return at::linear(ctx[0], weight.reshape({d * r, h}), flat_bias)
+        .view({-1, d, r})
+        .transpose(0, 1);
+  }
+  const at::Tensor weight_t = weight.transpose(1, 2);
+  return bias ? at::baddbmm(bias->unsqueeze(1), ctx, weight_t) : at::bmm(ctx, weight_t);
+}
+
+}  // namespace
+
 // The K and V projections of every draft layer: ctx [D, n, H] (one context per layer,
 // DFlare / DFly) or [1, n, H] (one shared context, DFlash) -> K, V [D, n, KVH*hd], views with
 // unit stride in the last dim. When each layer's V rows directly follow its K rows in memory
 // (a stacked [D, 2, O, H] buffer, or the K and V rows of fused qkv weights), K and V are one
-// GEMM that reads each context once. Shared by the CPU and CUDA kernels.
+// GEMM that reads each context once; otherwise two, without copying the weights. Shared by
+// the CPU and CUDA kernels.
 std::pair<at::Tensor, at::Tensor> project_layer_mix_kv(const at::Tensor& ctx,
                                                       const at::Tensor& k_weight,
                                                       const at::Tensor& v_weight,
@@ -129,23 +151,13 @@ std::pair<at::Tensor, at::Tensor> project_layer_mix_kv(const at::Tensor& ctx,
       v_weight.stride(0) == k_weight.stride(0) &&
       static_cast<const char*>(v_weight.data_ptr()) ==
           static_cast<const char*>(k_weight.data_ptr()) + o * h * k_weight.element_size();
-  const at::Tensor weight = adjacent
-                                ? k_weight.as_strided({d, 2 * o, h}, {k_weight.stride(0), h, 1})
-                                : at::cat({k_weight, v_weight}, 1);
+  if (!adjacent) {
+    return {project_context(ctx, k_weight, k_bias), project_context(ctx, v_weight, v_bias)};
+  }
   std::optional<at::Tensor> bias;
   if (k_bias) bias = at::cat({*k_bias, *v_bias}, 1);  // [D, 2O]: a few KB
-  at::Tensor kv;
-  if (ctx.size(0) == 1) {
-    // A shared context (or a single layer): stacking the D weights makes it one GEMM.
-    std::optional<at::Tensor> flat_bias;
-    if (bias) flat_bias = bias->reshape({d * 2 * o});
-    kv = at::linear(ctx[0], weight.reshape({d * 2 * o, h}), flat_bias)
-             .view({-1, d, 2 * o})
-             .transpose(0, 1);
-  } else {
-    const at::Tensor weight_t = weight.transpose(1, 2);
-    kv = bias ? at::baddbmm(bias->unsqueeze(1), ctx, weight_t) : at::bmm(ctx, weight_t);
-  }
+  const at::Tensor kv = project_context(
+      ctx, k_weight.as_strided({d, 2 * o, h}, {k_weight.stride(0), h, 1}), bias);
   return {kv.narrow(2, 0, o), kv.narrow(2, o, o)};
 }
 

@@ -22,6 +22,7 @@ from test_layer_mix_kv import (
     assert_caches_match,
     fused_projection_views,
     make_case,
+    op_args,
     run_reference,
 )
 from test_verify_block import _random_case, infinite_max_cases
@@ -137,12 +138,7 @@ def test_verify_block_kernel_ignores_block_order(emu):
 def _emulated_layer_mix(emu, c, config: str = "h100", order_seed: int = 0):
     emu.configure(*CONFIGS[config], order_seed)
     k, v = [x.clone() for x in c.k_caches], [x.clone() for x in c.v_caches]
-    w = c.w
-    emu.layer_mix_kv(
-        c.hidden, w.fusion_probs, w.fc_weight, w.hidden_norm_weight, w.k_proj_weight,
-        w.v_proj_weight, w.k_proj_bias, w.v_proj_bias, w.k_norm_weight, w.eps, c.positions,
-        w.cos_sin_cache, c.slots, k, v,
-    )  # fmt: skip
+    emu.layer_mix_kv(*op_args(c, k, v))
     return (k, v), emu.launches()
 
 
@@ -314,12 +310,7 @@ def test_device_layer_mix_kv_matches_emulation(emu, fusion, dtype):
     (k, v), _ = _emulated_layer_mix(emu, c)
     g = make_case(300, t=9, d=7, fusion=fusion, bias=True, dtype=dtype, seed=8, device="cuda")
     k_dev, v_dev = [x.clone() for x in g.k_caches], [x.clone() for x in g.v_caches]
-    w = g.w
-    torch.ops.dflare.layer_mix_kv(
-        g.hidden, w.fusion_probs, w.fc_weight, w.hidden_norm_weight, w.k_proj_weight,
-        w.v_proj_weight, w.k_proj_bias, w.v_proj_bias, w.k_norm_weight, w.eps, g.positions,
-        w.cos_sin_cache, g.slots, k_dev, v_dev,
-    )  # fmt: skip
+    torch.ops.dflare.layer_mix_kv(*op_args(g, k_dev, v_dev))
     # The device's rsqrtf is approximate (the emulation's is exact): the layer_mix tolerances.
     for emulated, device in zip(k + v, k_dev + v_dev, strict=True):
         torch.testing.assert_close(device.cpu().float(), emulated.float(), **TOLERANCES[dtype])

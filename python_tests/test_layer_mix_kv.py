@@ -114,13 +114,20 @@ def make_case(
     )
 
 
+def op_args(c: Case, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> tuple:
+    """The op's arguments in schema order, writing into ``k_caches`` / ``v_caches``."""
+    w = c.w
+    return (
+        c.hidden, w.fusion_probs, w.fc_weight, w.hidden_norm_weight, w.k_proj_weight,
+        w.v_proj_weight, w.k_proj_bias, w.v_proj_bias, w.k_norm_weight, w.eps, c.positions,
+        w.cos_sin_cache, c.slots, k_caches, v_caches,
+    )  # fmt: skip
+
+
 def run_op(c: Case) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """torch.ops.dflare.layer_mix_kv on copies of the caches (weights passed by schema name)."""
+    """torch.ops.dflare.layer_mix_kv on copies of the caches."""
     k, v = [x.clone() for x in c.k_caches], [x.clone() for x in c.v_caches]
-    weights = {f.name: getattr(c.w, f.name) for f in dataclasses.fields(c.w)}
-    torch.ops.dflare.layer_mix_kv(
-        hidden=c.hidden, positions=c.positions, slots=c.slots, k_caches=k, v_caches=v, **weights
-    )
+    torch.ops.dflare.layer_mix_kv(*op_args(c, k, v))
     return k, v
 
 
@@ -256,13 +263,8 @@ def test_op_has_a_fake_kernel(fusion):
     """opcheck: schema (the caches are mutated in place), fake kernel, autograd registration."""
     require_kernel("cpu")
     c = make_case(9, t=3, d=2, fusion=fusion, bias=True)
-    w = c.w
-    torch.library.opcheck(
-        torch.ops.dflare.layer_mix_kv.default,
-        (c.hidden, w.fusion_probs, w.fc_weight, w.hidden_norm_weight, w.k_proj_weight,
-         w.v_proj_weight, w.k_proj_bias, w.v_proj_bias, w.k_norm_weight, w.eps, c.positions,
-         w.cos_sin_cache, c.slots, c.k_caches, c.v_caches),
-    )  # fmt: skip
+    args = op_args(c, c.k_caches, c.v_caches)
+    torch.library.opcheck(torch.ops.dflare.layer_mix_kv.default, args)
 
 
 @pytest.mark.parametrize("fusion", ["dflare", "dflash", "dfly"])
