@@ -8,7 +8,8 @@ bandwidth measured in the same run by a large device copy ((read + write) bytes 
 
     python benchmarks/bench_verify_block.py                  # GPU: bs=1 and bs=64, B=16, V=151936
     python benchmarks/bench_verify_block.py --device cpu --cases 4x16x32000
-    python benchmarks/bench_verify_block.py --temperature 0.7 --top-k 50 --top-p 0.9
+    python benchmarks/bench_verify_block.py --temperature 0.6 --top-k 20 --top-p 0.95
+    python benchmarks/bench_verify_block.py --temperature 0.6 --top-p 0.95 --rows flat
 """
 
 from __future__ import annotations
@@ -58,7 +59,14 @@ def _bandwidth(device: str, repeats: int) -> float:
 def _inputs(bs: int, block: int, vocab: int, args: argparse.Namespace) -> tuple:
     dev = args.device
     g = torch.Generator(device=dev).manual_seed(0)
-    logits = torch.randn(bs * block, vocab, device=dev, generator=g).to(getattr(torch, args.dtype))
+    rows = bs * block
+    if args.rows == "peaked":  # a language model's shape: a few likely tokens over a low bulk
+        logits = torch.randn(rows, vocab, device=dev, generator=g) * 1.5
+        hot = torch.randint(vocab, (rows, 4), device=dev, generator=g)
+        logits.scatter_(1, hot, torch.tensor([18.0, 16.0, 15.0, 14.0], device=dev).expand(rows, 4))
+    else:
+        logits = torch.randn(rows, vocab, device=dev, generator=g)
+    logits = logits.to(getattr(torch, args.dtype))
     t = logits.float().view(bs, block, vocab).argmax(-1)
     drafts = t[:, :-1].clone()  # greedy drafts all accepted: the commit path is exercised too
     full = lambda value, dtype: torch.full((bs,), value, dtype=dtype, device=dev)  # noqa: E731
@@ -116,6 +124,13 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="<= 0: greedy")
     ap.add_argument("--top-k", type=int, default=0, help="<= 0: off")
     ap.add_argument("--top-p", type=float, default=1.0, help=">= 1: off")
+    ap.add_argument(
+        "--rows",
+        default="peaked",
+        choices=["peaked", "flat"],
+        help="logits rows shaped like a language model's (peaked) or N(0, 1) (flat: top-p "
+        "then keeps thousands of tokens and the kernel takes its radix fallback)",
+    )
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--graph-calls", type=int, default=20, help="kernel calls per CUDA graph")
@@ -136,7 +151,7 @@ def main() -> None:
     name = (
         torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     )
-    mode = f"T={args.temperature} top_k={args.top_k} top_p={args.top_p}"
+    mode = f"T={args.temperature} top_k={args.top_k} top_p={args.top_p} {args.rows} rows"
     mode = "greedy" if args.temperature <= 0 else mode
     print(f"{name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; {args.dtype}, {mode}")
 

@@ -4,146 +4,31 @@
 // Design (one launch, no host sync, CUDA-graph capturable):
 //  * The logits read is the whole cost (bs=64, B=16, V=151936 bf16 is ~311 MB), so the grid
 //    spreads it evenly: each logits row is split across `splits` CTAs (enough CTAs to fill
-//    the GPU even at bs=1), each streams its chunk with 16-byte loads and writes one packed
-//    (score, index) partial.
-//  * The last CTA to finish a request (an atomic arrival counter per request) reduces that
-//    request's partials to the target tokens and does the tiny accept / stop / commit logic.
-//    Each launch zeroes its own counters (a memset node under CUDA-graph capture), so
-//    launches on different streams or devices never share them.
-//  * Rows with top-k / top-p need whole-row thresholds; the first CTA of such a row finds
-//    them by radix selection (one counting pass per key byte, served mostly from L2) and then
-//    does the Gumbel-max pass itself, while the row's other CTAs only arrive.
+//    the GPU even at bs=1), and every row, filtered or not, is read once: each CTA streams
+//    its chunk with 16-byte loads.
+//  * Greedy and unfiltered sampled rows: each CTA writes one packed (score, index) partial.
+//    Rows with top-k / top-p need whole-row thresholds: each CTA keeps the tokens of its
+//    chunk with the largest scaled logits as candidates (verify_select.cuh) and bounds the
+//    top-p mass of the rest; the row's last CTA selects the thresholds and samples from the
+//    candidates, falling back to radix passes over the row only when they cannot decide.
+//  * Atomic arrival counters make the last CTA of a row reduce the row, and the last row of
+//    a request do the tiny accept / stop / commit logic. Each launch zeroes its own counters
+//    (a memset node under CUDA-graph capture), so launches on different streams or devices
+//    never share them.
 #include <ATen/Dispatch_v2.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "dflare_ops.h"
 #include "philox.h"
+#include "verify_select.cuh"
 
 namespace dflare {
 
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;             // 16-byte loads in flight per thread
-constexpr int kMaxBlock = 1024;        // the finishing CTA keeps t_0 .. t_{B-1} in shared memory
-
-using u64 = unsigned long long;
-
-__device__ __forceinline__ u64 umax64(u64 a, u64 b) { return a > b ? a : b; }
-
-// Monotone map float -> uint32 (for non-NaN values), so byte-wise radix selection and
-// integer max order scores as floats do. Adding +0.0f turns -0.0 into +0.0: they are equal.
-__device__ __forceinline__ uint32_t ordered_key(float f) {
-  const uint32_t bits = __float_as_uint(f + 0.0f);
-  return bits ^ ((bits & 0x80000000u) ? 0xFFFFFFFFu : 0x80000000u);
-}
-
-__device__ __forceinline__ float key_to_float(uint32_t key) {
-  return __uint_as_float(key ^ ((key & 0x80000000u) ? 0x80000000u : 0xFFFFFFFFu));
-}
-
-// (score key, inverted index): the integer max is the best score, lowest index on ties.
-// 0 is below every packed score and serves as "no candidate".
-__device__ __forceinline__ u64 pack(float score, int64_t index) {
-  return (static_cast<u64>(ordered_key(score)) << 32) |
-         (0xFFFFFFFFu - static_cast<uint32_t>(index));
-}
-
-__device__ __forceinline__ int64_t unpack_index(u64 packed) {
-  return 0xFFFFFFFFu - static_cast<uint32_t>(packed);
-}
-
-__device__ __forceinline__ u64 warp_max(u64 x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    x = umax64(x, __shfl_xor_sync(0xFFFFFFFFu, x, offset));
-  }
-  return x;
-}
-
-struct SharedState {
-  u64 hist[256];  // radix-select histogram
-  u64 warp_best[kWarps];
-  u64 select_base, select_target;
-  uint32_t select_prefix;
-  int64_t target[kMaxBlock];  // finishing CTA: the request's target tokens
-  int64_t num_committed;
-  bool last;
-};
-
-// Block-wide max; every thread gets the result.
-__device__ u64 block_max(u64 x, SharedState& sh) {
-  x = warp_max(x);
-  __syncthreads();  // warp_best may still be read by a previous reduction
-  if (threadIdx.x % 32 == 0) sh.warp_best[threadIdx.x / 32] = x;
-  __syncthreads();
-  return warp_max(threadIdx.x % 32 < kWarps ? sh.warp_best[threadIdx.x % 32] : 0);
-}
-
-// A contiguous range of one logits row's 16-byte vectors, plus the unaligned head / tail
-// elements when the range includes them.
-struct Chunk {
-  int64_t vec_begin, vec_end;
-  bool head, tail;
-};
-
-// One logits row as [head: unaligned elements][16-byte vectors][tail]: vector loads need
-// aligned addresses and a row of arbitrary vocab size need not start on one.
-template <typename T>
-struct RowSpan {
-  static constexpr int kVec = 16 / sizeof(T);
-  const T* row;
-  int64_t vocab, head, num_vecs;
-
-  __device__ RowSpan(const T* row_, int64_t vocab_) : row(row_), vocab(vocab_) {
-    const int64_t misaligned = (reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T);
-    head = misaligned ? min(vocab, kVec - misaligned) : 0;
-    num_vecs = (vocab - head) / kVec;
-  }
-
-  __device__ Chunk chunk(int split, int splits) const {
-    return {num_vecs * split / splits, num_vecs * (split + 1) / splits, split == 0,
-            split == splits - 1};
-  }
-  __device__ Chunk whole() const { return {0, num_vecs, true, true}; }
-
-  // Calls f(vocab id, value as float) for every element of the chunk this thread owns, in
-  // increasing vocab id per thread (so strict comparisons keep the lowest index).
-  template <typename F>
-  __device__ __forceinline__ void for_each(const Chunk& c, F&& f) const {
-    if (c.head) {
-      for (int64_t v = threadIdx.x; v < head; v += blockDim.x) f(v, static_cast<float>(row[v]));
-    }
-    const uint4* vecs = reinterpret_cast<const uint4*>(row + head);
-    for (int64_t j0 = c.vec_begin + threadIdx.x; j0 < c.vec_end; j0 += kUnroll * blockDim.x) {
-      uint4 buf[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t j = j0 + u * blockDim.x;
-        if (j < c.vec_end) buf[u] = __ldg(vecs + j);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t j = j0 + u * blockDim.x;
-        if (j >= c.vec_end) break;
-        const T* elems = reinterpret_cast<const T*>(&buf[u]);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) f(head + j * kVec + e, static_cast<float>(elems[e]));
-      }
-    }
-    if (c.tail) {
-      for (int64_t v = head + num_vecs * kVec + threadIdx.x; v < vocab; v += blockDim.x) {
-        f(v, static_cast<float>(row[v]));
-      }
-    }
-  }
-};
 
 struct RowParams {
   float temperature, top_p;
@@ -187,80 +72,28 @@ __device__ __forceinline__ u64 thread_best(const RowSpan<T>& span, const Chunk& 
   return pack(best, best_index);
 }
 
-// Weight of every token when radix selection counts tokens (top-k).
-struct UnitWeight {};
-
-// Radix selection over the keys of z = x / T of a whole row: the largest key x with
-// W(key >= x) >= target, where W sums weight(z) over the tokens (UnitWeight: counts for
-// top-k; fixed-point mass for top-p). One histogram pass per key byte, from the top; the
-// target may depend on the total weight, known after the first pass.
-template <typename T, typename Weight, typename TargetOfTotal>
-__device__ uint32_t radix_select(const RowSpan<T>& span, float temperature, Weight weight,
-                                 TargetOfTotal target_of_total, SharedState& sh) {
-  uint32_t prefix = 0;
-  u64 base = 0, target = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    const uint32_t high_mask = shift == 24 ? 0u : ~0u << (shift + 8);
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) sh.hist[b] = 0;
-    __syncthreads();
-    span.for_each(span.whole(), [&](int64_t, float x) {
-      const float z = x / temperature;
-      const uint32_t key = ordered_key(z);
-      if ((key & high_mask) != prefix) return;
-      const uint32_t bin = (key >> shift) & 255u;
-      if constexpr (std::is_same_v<Weight, UnitWeight>) {
-        // Logits crowd into few bins: one atomic per distinct bin per warp, not per lane.
-        const unsigned peers = __match_any_sync(__activemask(), bin);
-        if ((threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&sh.hist[bin], u64(__popc(peers)));
-      } else {
-        const u64 w = weight(z);
-        if (w != 0) atomicAdd(&sh.hist[bin], w);
-      }
-    });
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      if (shift == 24) {
-        u64 total = 0;
-        for (int b = 0; b < 256; ++b) total += sh.hist[b];
-        target = target_of_total(total);
-      }
-      int b = 255;
-      for (; b > 0 && base + sh.hist[b] < target; --b) base += sh.hist[b];
-      prefix |= static_cast<uint32_t>(b) << shift;
-      sh.select_prefix = prefix;
-      sh.select_base = base;
-      sh.select_target = target;
-    }
-    __syncthreads();
-    prefix = sh.select_prefix;
-    base = sh.select_base;
-    target = sh.select_target;
-  }
-  return prefix;
-}
-
-// Smallest kept key of a row under tie-inclusive top-k, then top-p (0: keep everything).
+// Smallest kept key of a whole row under tie-inclusive top-k, then top-p (0: keep everything),
+// by radix passes over the row: the exact fallback of a filtered row's candidate selection.
 template <typename T>
 __device__ uint32_t filter_min_key(const RowSpan<T>& span, const RowParams& p, SharedState& sh) {
+  const ScaledRowKeys<T> keys{span, p.temperature};
   uint32_t min_key = 0;
   if (p.top_k_on) {
     // #{u : z_u > z_v} < k  <=>  z_v >= the k-th largest z, the largest x with count(>= x) >= k.
     const u64 k = static_cast<u64>(p.top_k);
-    min_key = radix_select(span, p.temperature, UnitWeight{}, [k](u64) { return k; }, sh);
+    min_key = radix_select(keys, UnitWeight{}, [k](u64) { return k; }, sh);
   }
   if (!p.top_p_on) return min_key;
 
   // Kept iff (kept mass strictly above) < limit  <=>  z_v >= the largest x with
   // mass(>= x) >= limit, where limit = max(ceil(top_p * total), 1).
   u64 thread_max = 0;
-  span.for_each(span.whole(), [&](int64_t, float x) {
-    thread_max = umax64(thread_max, ordered_key(x / p.temperature));
-  });
+  keys([&](uint32_t key, float, int64_t) { thread_max = umax64(thread_max, key); });
   const double z_max = key_to_float(static_cast<uint32_t>(block_max(thread_max, sh)));
   const uint32_t top_k_key = min_key;
   const float top_p = p.top_p;
   return radix_select(
-      span, p.temperature,
+      keys,
       [=](float z) -> u64 {
         return ordered_key(z) < top_k_key ? 0 : top_p_mass(static_cast<double>(z) - z_max);
       },
@@ -273,23 +106,111 @@ struct VerifyArgs {
   const int64_t *seq_lens, *remaining, *top_k, *seeds, *stop_token_ids, *block_slots;
   const float *temperatures, *top_p;
   int64_t *accept_lens, *committed, *num_committed, *new_seq_lens, *free_slots;
-  u64* partials;         // [bs * B * splits]
-  unsigned int* arrivals;  // [bs], zero at launch: CTAs of the request that have finished
+  u64* partials;                 // [bs * B * splits]: each CTA's best (unfiltered rows)
+  u64* candidates;               // [bs * B * splits, capacity]: each CTA's (filtered rows)
+  CandidateSummary* summaries;   // [bs * B * splits]
+  u64* row_best;                 // [bs * B]: each row's sampled (packed) token
+  unsigned int* row_arrivals;    // [bs * B], zero at launch: CTAs of the row that finished
+  unsigned int* arrivals;        // [bs], zero at launch: rows of the request that finished
   int64_t row_stride, vocab, num_stops;
-  int block, splits;
+  int block, splits, capacity;
 };
 
-// The finishing CTA of request `req`: target tokens from the partials, then accept length,
-// stop / budget cuts and the outputs.
+// Relative error bound of a dropped-mass estimate (DroppedMass): the float z - max_z rounds
+// by < 1.4e-6 of the exponent (|dz| <= 23), expf errs by 2 ulp, the double sums and
+// rescalings by far less.
+constexpr double kDroppedMassError = 1e-5;
+
+// Candidates a filtered row keeps over all its CTAs, and at least per CTA.
+constexpr int64_t kRowCandidates = 2048;
+constexpr int64_t kMinCandidates = 64;
+
+// The row's last CTA, for a filtered row: the thresholds and the Gumbel-max from the
+// candidates every CTA of the row collected. Exact whenever the kept set lies where the
+// candidates are complete (every token with key >= the largest admission cut is one) and,
+// for top-p without top-k, the bounds on the dropped mass give one threshold; otherwise the
+// radix passes over the whole row decide (counted by the tests, rare on LM-shaped rows).
+template <typename T>
+__device__ u64 select_filtered_row(const VerifyArgs& a, int64_t row, const RowSpan<T>& span,
+                                   const RowParams& p, SharedState& sh) {
+  const CandidateSummary* sums = a.summaries + row * a.splits;
+  const RowCandidateKeys keys{a.candidates + row * a.splits * a.capacity, sums, a.splits,
+                              a.capacity};
+  u64 admit = 0, max_key = 0, overflow = 0, count = 0;
+  for (int s = threadIdx.x; s < a.splits; s += blockDim.x) {
+    admit = umax64(admit, __ldcg(&sums[s].admit_key));
+    max_key = umax64(max_key, ordered_key(__ldcg(&sums[s].max_z)));
+    overflow = umax64(overflow, __ldcg(&sums[s].overflow));
+    count += __ldcg(&sums[s].count);
+  }
+  admit = block_max(admit, sh);
+  overflow = block_max(overflow, sh);
+  count = block_sum(count, sh);
+  const float z_max = key_to_float(static_cast<uint32_t>(block_max(max_key, sh)));
+  bool exact = !overflow && z_max < INFINITY && z_max > -INFINITY;
+
+  uint32_t min_key = 0;
+  if (exact && p.top_k_on) {
+    const u64 k = static_cast<u64>(p.top_k);
+    exact = count >= k;
+    if (exact) {
+      min_key = radix_select(keys, UnitWeight{}, [k](u64) { return k; }, sh);
+      exact = min_key >= admit;
+    }
+  }
+  if (exact && p.top_p_on) {
+    // Top-k kept only candidates: their mass is the whole. Otherwise the dropped tokens'
+    // exact mass sum(floor(exp(z - z_max) * 2^32)) lies in [lo, hi].
+    u64 lo = 0, hi = 0;
+    if (!p.top_k_on) {
+      double estimate = 0.0;
+      u64 terms = 0;
+      for (int s = threadIdx.x; s < a.splits; s += blockDim.x) {
+        const double mass = __ldcg(&sums[s].dropped_mass);
+        if (mass > 0.0) {
+          estimate += mass * exp(static_cast<double>(__ldcg(&sums[s].max_z)) - z_max);
+        }
+        terms += __ldcg(&sums[s].dropped_terms);
+      }
+      estimate = block_sum(estimate, sh) * 4294967296.0;
+      terms = block_sum(terms, sh);
+      lo = static_cast<u64>(fmax(0.0, ceil(estimate * (1.0 - kDroppedMassError) - terms)));
+      hi = static_cast<u64>(floor(estimate * (1.0 + 2.0 * kDroppedMassError))) + 1;
+    }
+    const uint32_t top_k_key = min_key;
+    const float top_p = p.top_p;
+    const auto weight = [=](float z) -> u64 {
+      return ordered_key(z) < top_k_key ? 0 : top_p_mass(static_cast<double>(z) - z_max);
+    };
+    // The threshold falls as the limit rises: the two ends agreeing fixes it.
+    min_key = radix_select(
+        keys, weight, [=](u64 total) { return top_p_limit(top_p, total + hi); }, sh);
+    exact = sh.select_total >= sh.select_target && min_key >= admit;
+    if (exact && lo != hi) {
+      exact = min_key == radix_select(
+                             keys, weight,
+                             [=](u64 total) { return top_p_limit(top_p, total + lo); }, sh);
+    }
+  }
+  if (!exact) {
+    return block_max(thread_best<T, false>(span, span.whole(), p, filter_min_key(span, p, sh)),
+                     sh);
+  }
+  u64 best = 0;
+  keys([&](uint32_t key, float z, int64_t v) {
+    if (key < min_key) return;
+    const Philox4 noise = noise_block(p.seed, p.pos, static_cast<uint32_t>(v >> 2));
+    best = umax64(best, pack(z + gumbel_from_word(noise.word(static_cast<uint32_t>(v & 3))), v));
+  });
+  return block_max(best, sh);
+}
+
+// The finishing CTA of request `req`: its rows' tokens, then accept length, stop / budget
+// cuts and the outputs.
 __device__ void finish_request(const VerifyArgs& a, int64_t req, SharedState& sh) {
-  __threadfence();  // order the partial reads after the arrival that made this CTA last
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int k = warp; k < a.block; k += kWarps) {
-    const u64* part = a.partials + (req * a.block + k) * a.splits;
-    u64 best = 0;
-    for (int s = lane; s < a.splits; s += 32) best = umax64(best, __ldcg(part + s));
-    best = warp_max(best);
-    if (lane == 0) sh.target[k] = unpack_index(best);
+  __threadfence();  // order the row reads after the arrival that made this CTA last
+  for (int k = threadIdx.x; k < a.block; k += blockDim.x) {
+    sh.target[k] = unpack_index(__ldcg(a.row_best + req * a.block + k));
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -320,8 +241,19 @@ __device__ void finish_request(const VerifyArgs& a, int64_t req, SharedState& sh
   }
 }
 
+// Thread 0 publishes this CTA's writes and counts it in; true (in every thread) for the last
+// of `expected` arrivals.
+__device__ bool arrive_last(unsigned int* counter, unsigned expected, SharedState& sh) {
+  __threadfence();  // every thread's writes, before the arrival that may make another CTA last
+  __syncthreads();
+  if (threadIdx.x == 0) sh.last = atomicAdd(counter, 1u) == expected - 1;
+  __syncthreads();
+  return sh.last;
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads) verify_block_kernel(const VerifyArgs a) {
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
+    verify_block_kernel(const VerifyArgs a) {
   __shared__ SharedState sh;
   const int64_t row = blockIdx.x / a.splits;
   const int split = blockIdx.x % a.splits;
@@ -336,26 +268,36 @@ __global__ void __launch_bounds__(kThreads) verify_block_kernel(const VerifyArgs
   p.greedy = !(p.temperature > 0.f);
   p.top_k_on = p.top_k > 0 && p.top_k < a.vocab;
   p.top_p_on = p.top_p < 1.f;
+  const bool filtered = !p.greedy && (p.top_k_on || p.top_p_on);
 
+  // One pass over this CTA's chunk of the row.
   const RowSpan<T> span(static_cast<const T*>(a.logits) + row * a.row_stride, a.vocab);
-  u64 best = 0;
-  if (p.greedy) {
-    best = block_max(thread_best<T, true>(span, span.chunk(split, a.splits), p, 0), sh);
-  } else if (!p.top_k_on && !p.top_p_on) {
-    best = block_max(thread_best<T, false>(span, span.chunk(split, a.splits), p, 0), sh);
-  } else if (split == 0) {
-    const uint32_t min_key = filter_min_key(span, p, sh);
-    best = block_max(thread_best<T, false>(span, span.whole(), p, min_key), sh);
+  const Chunk chunk = span.chunk(split, a.splits);
+  if (filtered) {
+    collect_candidates(span, chunk, p.temperature, a.capacity,
+                       a.candidates + int64_t(blockIdx.x) * a.capacity, a.summaries + blockIdx.x,
+                       sh);
+  } else {
+    const u64 best = p.greedy ? thread_best<T, true>(span, chunk, p, 0)
+                              : thread_best<T, false>(span, chunk, p, 0);
+    const u64 cta_best = block_max(best, sh);
+    if (threadIdx.x == 0) a.partials[blockIdx.x] = cta_best;
   }
+  if (!arrive_last(a.row_arrivals + row, static_cast<unsigned>(a.splits), sh)) return;
 
-  if (threadIdx.x == 0) {
-    a.partials[blockIdx.x] = best;
-    __threadfence();  // publish the partial before arriving
-    const unsigned arrivals = static_cast<unsigned>(a.block * a.splits);
-    sh.last = atomicAdd(&a.arrivals[req], 1u) == arrivals - 1;
+  // The row's last CTA: its token, from every CTA's results.
+  __threadfence();  // order the reads after the arrival that made this CTA last
+  u64 row_best = 0;
+  if (filtered) {
+    row_best = select_filtered_row(a, row, span, p, sh);
+  } else {
+    for (int s = threadIdx.x; s < a.splits; s += blockDim.x) {
+      row_best = umax64(row_best, __ldcg(a.partials + row * a.splits + s));
+    }
+    row_best = block_max(row_best, sh);
   }
-  __syncthreads();
-  if (sh.last) finish_request(a, req, sh);
+  if (threadIdx.x == 0) a.row_best[row] = row_best;
+  if (arrive_last(a.arrivals + req, static_cast<unsigned>(a.block), sh)) finish_request(a, req, sh);
 }
 
 }  // namespace
@@ -420,11 +362,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> verify_bl
         const int64_t splits = std::clamp<int64_t>((resident + rows - 1) / rows, 1, max_splits);
         TORCH_CHECK(rows * splits <= INT32_MAX, "verify_block: ", rows,
                     " rows exceed one launch's grid: split the batch");
+        // Candidates per CTA of a filtered row: ~kRowCandidates per row, at least enough for
+        // the usual top-k (<= kMinCandidates) in every CTA.
+        const int64_t capacity =
+            std::clamp<int64_t>(kRowCandidates / splits, kMinCandidates, kKeep);
         auto partials = at::empty({rows * splits}, opts);
-        auto arrivals = at::zeros({bs}, opts.dtype(at::kInt));
+        auto candidates = at::empty({rows * splits * capacity}, opts);
+        static_assert(sizeof(CandidateSummary) % sizeof(int64_t) == 0);
+        auto summaries = at::empty(
+            {rows * splits * int64_t(sizeof(CandidateSummary) / sizeof(int64_t))}, opts);
+        auto row_best = at::empty({rows}, opts);
+        auto arrivals = at::zeros({rows + bs}, opts.dtype(at::kInt));
         a.partials = reinterpret_cast<u64*>(partials.data_ptr<int64_t>());
-        a.arrivals = reinterpret_cast<unsigned int*>(arrivals.data_ptr<int32_t>());
+        a.candidates = reinterpret_cast<u64*>(candidates.data_ptr<int64_t>());
+        a.summaries = reinterpret_cast<CandidateSummary*>(summaries.data_ptr<int64_t>());
+        a.row_best = reinterpret_cast<u64*>(row_best.data_ptr<int64_t>());
+        a.row_arrivals = reinterpret_cast<unsigned int*>(arrivals.data_ptr<int32_t>());
+        a.arrivals = a.row_arrivals + rows;
         a.splits = static_cast<int>(splits);
+        a.capacity = static_cast<int>(capacity);
         DFLARE_LAUNCH(verify_block_kernel<scalar_t>, static_cast<unsigned>(rows * splits),
                       kThreads, stream, a);
       }),

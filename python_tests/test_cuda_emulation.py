@@ -86,25 +86,43 @@ def test_verify_block_kernel_without_stop_ids(emu):
         assert torch.equal(w, g)
 
 
-def _one_mode_case(mode: str, bs: int, block: int, vocab: int, dtype: torch.dtype):
-    """A random case whose requests all sample one way."""
-    args = list(_random_case(bs, block, vocab, dtype, seed=7))
+def _one_mode_case(mode: str, shape: str, bs: int, block: int, vocab: int):
+    """A random bf16 case whose requests all sample one way (temperature 0.8, Qwen3's top-k 20
+    and top-p 0.95), on rows shaped like a language model's (`peaked`: a few likely tokens
+    over a low bulk) or flat (`_random_case`'s rows: no token dominates the bulk)."""
+    args = list(_random_case(bs, block, vocab, torch.bfloat16, seed=7))
+    if shape == "peaked":
+        g = torch.Generator().manual_seed(8)
+        logits = torch.randn(bs * block, vocab, generator=g) * 1.5
+        hot = torch.randint(vocab, (bs * block, 4), generator=g)
+        logits.scatter_(1, hot, torch.tensor([18.0, 16.0, 15.0, 14.0]).expand(bs * block, 4))
+        args[1] = logits.to(torch.bfloat16)
     args[4] = torch.full((bs,), 0.0 if mode == "greedy" else 0.8)  # temperatures
     args[5] = torch.full((bs,), 20 if "top_k" in mode else 0)  # top_k
     args[6] = torch.full((bs,), 0.95 if "top_p" in mode else 1.0)  # top_p
     return args
 
 
-# How often each mode reads a logits row: greedy and unfiltered sampling once (the bandwidth
-# floor); with a filter, the row's first CTA alone makes 4 radix passes per filter (top-p adds
-# a max pass) and a Gumbel pass. Issue #18 item 11 is to bring the filtered modes to ~1.
-LOGITS_READS = {"greedy": 1, "sampled": 1, "top_k": 5, "top_p": 6, "top_k+top_p": 10}
+# How often each mode reads a logits row: once, the bandwidth floor, on LM-shaped rows. On
+# flat rows top-p alone keeps thousands of tokens, more than the candidates hold: the row's
+# last CTA then reads the row again for its radix passes (a max pass, 4 selection passes and
+# a Gumbel pass: 7x in all). With top-k the candidates always decide.
+LOGITS_READS = {
+    ("greedy", "peaked"): 1,
+    ("sampled", "peaked"): 1,
+    ("top_k", "peaked"): 1,
+    ("top_p", "peaked"): 1,
+    ("top_k+top_p", "peaked"): 1,
+    ("top_k", "flat"): 1,
+    ("top_p", "flat"): 7,
+    ("top_k+top_p", "flat"): 1,
+}
 
 
-@pytest.mark.parametrize("mode", LOGITS_READS)
-def test_verify_block_kernel_reads_logits(emu, mode):
+@pytest.mark.parametrize("mode,shape", LOGITS_READS)
+def test_verify_block_kernel_reads_logits(emu, mode, shape):
     bs, block, vocab = 2, 8, 151936
-    args = _one_mode_case(mode, bs, block, vocab, torch.bfloat16)
+    args = _one_mode_case(mode, shape, bs, block, vocab)
     got, launch = _emulated_verify(emu, args, "h100")
     want = verify_block_reference(*args)
     for w, g in zip(want, got, strict=True):
@@ -112,12 +130,61 @@ def test_verify_block_kernel_reads_logits(emu, mode):
     logits = args[1]
     read, written = launch["bytes"]["logits"]
     assert written == 0
-    assert read == LOGITS_READS[mode] * logits.numel() * logits.element_size()
+    assert read == LOGITS_READS[mode, shape] * logits.numel() * logits.element_size()
     REPORT.append(
-        f"verify_block {mode} bs={bs} B={block} V={vocab} bf16: logits read "
+        f"verify_block {mode} {shape} rows bs={bs} B={block} V={vocab} bf16: logits read "
         f"{read / (logits.numel() * logits.element_size()):.2f}x ({read} bytes), "
         f"{_splits(launch, bs * block)} splits"
     )
+
+
+@pytest.mark.parametrize("config", ["1sm", "h100"])
+def test_verify_block_kernel_on_language_model_rows(emu, smollm2_target, config):
+    """SmolLM2's own next-token logits over a prompt, sampled with top-p 0.95 (no top-k, the
+    hardest case for the candidates) at three temperatures: exact, and the logits read about
+    once (a row whose kept set outgrows the candidates is read again; reported)."""
+    model, tokenizer = smollm2_target
+    text = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)"
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :16]
+    with torch.no_grad():
+        logits = model(ids).logits[0].to(torch.bfloat16)
+    block = 4
+    bs = logits.shape[0] // block
+    for temperature in (0.6, 0.8, 1.0):
+        args = list(_random_case(bs, block, logits.shape[1], torch.bfloat16, seed=11))
+        args[1] = logits[: bs * block].contiguous()
+        args[4] = torch.full((bs,), temperature)
+        args[5] = torch.zeros(bs, dtype=torch.int64)
+        args[6] = torch.full((bs,), 0.95)
+        got, launch = _emulated_verify(emu, args, config)
+        for w, g in zip(verify_block_reference(*args), got, strict=True):
+            assert torch.equal(w, g)
+        ratio = launch["bytes"]["logits"][0] / (args[1].numel() * args[1].element_size())
+        assert ratio <= 7
+        REPORT.append(
+            f"verify_block top_p=0.95 T={temperature} on SmolLM2 rows ({bs * block} rows, "
+            f"{config}, {_splits(launch, bs * block)} splits): logits read {ratio:.2f}x"
+        )
+
+
+@pytest.mark.parametrize("config", ["1sm", "h100"])
+def test_verify_block_kernel_beyond_its_candidates(emu, config):
+    """Rows the candidates cannot decide take the radix passes over the whole row, exactly:
+    a top-k larger than the candidates held, and a tie group at the top larger than a CTA may
+    keep (its cut must then drop the whole group)."""
+    bs, block, vocab = 4, 2, 49152
+    args = list(_random_case(bs, block, vocab, torch.float32, seed=13))
+    logits = args[1]
+    logits[::2, 1000:1700] = logits.max() + 1  # 700 tied top tokens in every other row
+    args[4] = torch.full((bs,), 1.0)
+    args[5] = torch.tensor([0, 5000, 30, 5000])  # top-k
+    args[6] = torch.tensor([0.9, 1.0, 1.0, 0.9])  # top-p
+    got, launch = _emulated_verify(emu, args, config)
+    for w, g in zip(verify_block_reference(*args), got, strict=True):
+        assert torch.equal(w, g)
+    read = launch["bytes"]["logits"][0] / (logits.numel() * logits.element_size())
+    assert read > 1  # the fallback ran
+    REPORT.append(f"verify_block beyond the candidates ({config}): exact, logits read {read:.2f}x")
 
 
 def test_verify_block_kernel_at_an_infinite_row_max(emu):
@@ -296,6 +363,16 @@ DEVICE_KERNELS = pytest.mark.skipif(
 @pytest.mark.parametrize("bs,block,vocab,dtype", VERIFY_CASES)
 def test_device_verify_block_matches_emulation(emu, bs, block, vocab, dtype):
     args = _random_case(bs, block, vocab, dtype, seed=100 * bs + block)
+    emulated, _ = _emulated_verify(emu, args, "h100")
+    device = torch.ops.dflare.verify_block(*(a.cuda() for a in args))
+    for name, e, d in zip(VerifyOutput._fields, emulated, device, strict=True):
+        assert torch.equal(e, d.cpu()), name
+
+
+@DEVICE_KERNELS
+@pytest.mark.parametrize("mode,shape", LOGITS_READS)
+def test_device_verify_block_filtered_rows_match_emulation(emu, mode, shape):
+    args = _one_mode_case(mode, shape, 2, 8, 151936)
     emulated, _ = _emulated_verify(emu, args, "h100")
     device = torch.ops.dflare.verify_block(*(a.cuda() for a in args))
     for name, e, d in zip(VerifyOutput._fields, emulated, device, strict=True):

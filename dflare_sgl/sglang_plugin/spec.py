@@ -162,6 +162,12 @@ class DFlareSpecAlgo(CustomSpecAlgo):
             # list, its fallback, trtllm_mha moved off for bidirectional drafts). The settings
             # above are already decided, so it keeps them. (It refuses device "cpu", where
             # cpu_compat's CPU settings apply instead.)
+            # SGLang's other checks keyed on the name "DFLASH" (0.5.23) either refuse DFLARE
+            # with their own message (unified memory, LoRA, CP/TP group sharing, block
+            # verification), concern model families DFLARE does not draft for (KDA linear
+            # attention, Muse Spark, MiniMax-M3, Nemotron-H), or guard DFLASH's draft-KV
+            # writer (SM100 NVFP4): DFLARE writes its pool itself and refuses quantized
+            # layouts at start-up (worker._draft_kv_caches, run by the pre-warm).
             from sglang.srt.arg_groups.speculative_hook import _handle_dflash
 
             _handle_dflash(server_args)

@@ -2,7 +2,13 @@
 // the CUDA execution model (cuda_emulation.h) and exposed to the tests as plain functions on
 // CPU tensors. Built by python_tests/cuda_emulator.py with the namespace renamed
 // (-Ddflare=dflare_emulated) so nothing clashes with the real extension.
+#include <dlfcn.h>
+#include <elf.h>
 #include <link.h>
+
+#include <fstream>
+#include <iterator>
+#include <string_view>
 #include <torch/extension.h>
 
 #include "cuda_emulation.h"
@@ -29,6 +35,35 @@ void find_shared_range() {
     return 0;
   };
   TORCH_CHECK(dl_iterate_phdr(visit, nullptr) == 1, "CUDA emulation: module segment not found");
+}
+
+// The kernels' __shared__ variables: function-local statics (mangled "_ZZ...") of the emulated
+// namespaces, read from the module's ELF symbol table (they are local symbols, which the
+// dynamic linker does not list).
+void find_shared_variables() {
+  Dl_info info;
+  TORCH_CHECK(dladdr(reinterpret_cast<void*>(&cuda_emu::g_runtime), &info) && info.dli_fname,
+              "CUDA emulation: module not found");
+  std::ifstream file(info.dli_fname, std::ios::binary);
+  const std::vector<char> elf((std::istreambuf_iterator<char>(file)), {});
+  const auto* header = reinterpret_cast<const ElfW(Ehdr)*>(elf.data());
+  const auto* sections = reinterpret_cast<const ElfW(Shdr)*>(elf.data() + header->e_shoff);
+  for (int i = 0; i < header->e_shnum; ++i) {
+    if (sections[i].sh_type != SHT_SYMTAB) continue;
+    const auto* symbols = reinterpret_cast<const ElfW(Sym)*>(elf.data() + sections[i].sh_offset);
+    const char* names = elf.data() + sections[sections[i].sh_link].sh_offset;
+    for (size_t j = 0; j < sections[i].sh_size / sizeof(ElfW(Sym)); ++j) {
+      const std::string_view name = names + symbols[j].st_name;
+      if (ELF64_ST_TYPE(symbols[j].st_info) != STT_OBJECT || !name.starts_with("_ZZ") ||
+          (name.find("dflare_emulated") == name.npos && name.find("6faulty") == name.npos)) {
+        continue;
+      }
+      cuda_emu::g_runtime.shared_variables.emplace_back(
+          reinterpret_cast<uintptr_t>(info.dli_fbase) + symbols[j].st_value, symbols[j].st_size);
+    }
+  }
+  TORCH_CHECK(!cuda_emu::g_runtime.shared_variables.empty(),
+              "CUDA emulation: no __shared__ variables in the symbol table (stripped module?)");
 }
 
 void watch(const std::string& name, const at::Tensor& t) {
@@ -121,6 +156,7 @@ void run_test_kernel(const std::string& name, at::Tensor out, int64_t grid, int6
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   find_shared_range();
+  find_shared_variables();
   m.def("configure", &configure, "multiprocessors, CTAs per SM the host code sees; block order");
   m.def("launches", &launches, "the last call's launches and their global-memory bytes");
   m.def("verify_block", &verify_block);
