@@ -43,8 +43,10 @@ def _blocks(dtype=torch.float64):
     return logits, labels, valid
 
 
-def _hand(logits, labels, valid):
-    """Each term computed position by position with math, straight from DESIGN.md s.4."""
+def _hand(logits, labels, valid, in_vocab=None):
+    """Each term computed position by position with math, straight from DESIGN.md s.4. A label
+    out of the draft's vocabulary (``in_vocab`` False) is a wrong guess with no CE to train,
+    p = 0, and, when it is a block's first error, nothing for the focal term."""
     w = [math.exp(-k / GAMMA) for k in range(K)]
     num = den = 0.0
     fe, n_err, chain, n_chain = 0.0, 0, 0.0, 0
@@ -53,15 +55,17 @@ def _hand(logits, labels, valid):
         for k in range(K):
             row = logits[n, k].tolist()
             log_z = math.log(sum(math.exp(x) for x in row))
+            known = in_vocab is None or bool(in_vocab[n, k])
             ces.append(log_z - row[labels[n, k]])
-            ps.append(math.exp(-ces[-1]))
-            oks.append(max(range(V), key=row.__getitem__) == labels[n, k])
+            ps.append(math.exp(-ces[-1]) if known else 0.0)
+            oks.append(known and max(range(V), key=row.__getitem__) == labels[n, k])
         ks = [k for k in range(K) if valid[n, k]]
         for k in ks:
-            num += w[k] * ces[k]
-            den += w[k]
+            if in_vocab is None or in_vocab[n, k]:
+                num += w[k] * ces[k]
+                den += w[k]
         wrong = [k for k in ks if not oks[k]]
-        if wrong:
+        if wrong and (in_vocab is None or in_vocab[n, wrong[0]]):
             fe += w[wrong[0]] * ces[wrong[0]]
             n_err += 1
         if ks:
@@ -80,6 +84,37 @@ def test_each_term_matches_a_hand_computation():
     torch.testing.assert_close(ChainLoss()(ce, valid).item(), chain)
     terms = AlignmentLoss(focal_weight=0.3, chain_weight=0.5)(ce, correct, valid, GAMMA)
     torch.testing.assert_close(terms.total.item(), pos + 0.3 * fe + 0.5 * chain)
+
+
+def _out_of_vocab(valid):
+    """Labels a reduced draft vocabulary lacks: the first error of 'no error' (a right guess
+    made wrong), the first error of 'error at first' and of 'padded, error inside', and one
+    past the first error of 'error in middle'."""
+    in_vocab = torch.ones_like(valid)
+    for n, k in [(0, 2), (1, 0), (2, 3), (4, 1)]:
+        in_vocab[n, k] = False
+    return in_vocab
+
+
+def test_labels_outside_the_draft_vocabulary():
+    """A draft trained over a reduced vocabulary sees label -1 where the target's token is not
+    in it (objective.draft_block_stats): CE 0, never correct, and the terms as _hand says."""
+    logits, labels, valid = _blocks()
+    in_vocab = _out_of_vocab(valid)
+    ce, correct = token_stats(logits, torch.where(in_vocab, labels, -1))
+    assert (ce[~in_vocab] == 0).all() and not correct[~in_vocab].any()
+    pos, fe, chain = _hand(logits, labels, valid, in_vocab)
+    torch.testing.assert_close(PositionWeightedCE()(ce, valid, GAMMA, in_vocab).item(), pos)
+    got_fe = FirstErrorFocalLoss()(ce, correct, valid, GAMMA, in_vocab).item()
+    torch.testing.assert_close(got_fe, fe)
+    torch.testing.assert_close(ChainLoss()(ce, valid, in_vocab).item(), chain)
+    terms = AlignmentLoss(0.3, 0.5)(ce, correct, valid, GAMMA, in_vocab)
+    torch.testing.assert_close(terms.total.item(), pos + 0.3 * fe + 0.5 * chain)
+    # Every label in the vocabulary: the same as no vocabulary at all.
+    everything = torch.ones_like(valid)
+    ce, correct = token_stats(logits, labels)
+    plain = AlignmentLoss(0.3, 0.5)(ce, correct, valid, GAMMA)
+    assert AlignmentLoss(0.3, 0.5)(ce, correct, valid, GAMMA, everything).total == plain.total
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -121,11 +156,15 @@ def test_gamma_schedule():
         GammaSchedule.parse("fast")
 
 
+@pytest.mark.parametrize("reduced_vocab", [False, True])
 @pytest.mark.parametrize("term", ["position", "first_error", "chain"])
-def test_gradcheck_float64(term):
+def test_gradcheck_float64(term, reduced_vocab):
     _, labels, valid = _blocks()
     logits, _, _ = _blocks()
     logits.requires_grad_(True)
+    in_vocab = _out_of_vocab(valid) if reduced_vocab else None
+    if reduced_vocab:
+        labels = torch.where(in_vocab, labels, -1)
     # The first-error position is read once from the fixed logits (argmax is piecewise
     # constant; finite differences never cross a tie here).
     _, correct = token_stats(logits.detach(), labels)
@@ -133,9 +172,9 @@ def test_gradcheck_float64(term):
     def f(x):
         ce, _ = token_stats(x, labels)
         if term == "position":
-            return PositionWeightedCE()(ce, valid, GAMMA)
+            return PositionWeightedCE()(ce, valid, GAMMA, in_vocab)
         if term == "first_error":
-            return FirstErrorFocalLoss()(ce, correct, valid, GAMMA)
-        return ChainLoss()(ce, valid)
+            return FirstErrorFocalLoss()(ce, correct, valid, GAMMA, in_vocab)
+        return ChainLoss()(ce, valid, in_vocab)
 
     assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-7)

@@ -4,6 +4,7 @@ shards and resume, exact training resume, a 2-process FSDP2 run, learning, and C
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from dflare_sgl.training.draft_vocab import most_frequent_tokens, response_token
 from dflare_sgl.training.generate import GenDataConfig, generate_data
 from dflare_sgl.training.initialize import init_from_draft, init_from_target
 from dflare_sgl.training.loader import collate
-from dflare_sgl.training.objective import target_context
+from dflare_sgl.training.objective import draft_block_stats, target_context
 from dflare_sgl.training.trainer import TrainConfig, held_out_tau, train
 
 
@@ -215,6 +216,49 @@ def test_resume_is_exact(tmp_path, tiny_target, tiny_data, cache):
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
     assert [r["step"] for r in logs[1] if "eval_tau" in r] == [3, 6]
     assert all(r["eval_tau"] >= 1.0 for r in logs[1] if "eval_tau" in r)
+
+
+def test_scoring_over_a_draft_vocabulary(tiny_target, tiny_data):
+    """A draft with a reduced vocabulary is scored over those rows of the head only: with every
+    token, in another order, it scores exactly as with the full head; without the data's most
+    frequent token, those labels are wrong with CE 0 (in_vocab False), and the others' CE only
+    falls (a softmax over fewer tokens)."""
+    target, _ = load_target(tiny_target, dtype=torch.float32)
+    batch = collate(load_sequences(Path(tiny_data))[:4])
+    config = DraftConfig.for_target(target.config, num_draft_layers=1, block_size=4)
+    draft = DFlareDraftModel(config, generator=torch.Generator().manual_seed(0))
+
+    def stats():
+        anchors = torch.Generator().manual_seed(1)
+        args = (8, 4, config.mask_token_id, config.target_layer_ids, anchors, None)
+        return draft_block_stats(draft, target, batch, *args)
+
+    full = stats()
+    assert full.in_vocab is None
+    vocab = config.vocab_size
+    draft.draft_vocab_ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(2))
+    permuted = stats()
+    torch.testing.assert_close(permuted.ce, full.ce, rtol=1e-6, atol=1e-6)
+    assert torch.equal(permuted.correct, full.correct) and permuted.in_vocab.all()
+    counts = response_token_counts(tiny_data, vocab)
+    draft.draft_vocab_ids = (counts < counts.max()).nonzero().flatten()
+    reduced = stats()
+    lost = full.valid & ~reduced.in_vocab
+    assert lost.any() and (reduced.in_vocab | lost).all()
+    assert (reduced.ce[lost] == 0).all() and not reduced.correct[lost].any()
+    kept = full.valid & reduced.in_vocab
+    assert (reduced.ce[kept] <= full.ce[kept] + 1e-6).all()
+
+
+def test_training_over_a_draft_vocabulary(tmp_path, tiny_target, tiny_data):
+    """--draft-vocab-size: the run trains over the data's most frequent tokens (the tiny
+    target's responses repeat one) and saves the draft with them."""
+    out = train(_train_config(tiny_target, tiny_data, tmp_path, steps=3, draft_vocab_size=1))
+    counts = response_token_counts(tiny_data, load_target(tiny_target)[0].config.vocab_size)
+    saved = DFlareDraftModel.from_pretrained(out)
+    assert torch.equal(saved.draft_vocab_ids, most_frequent_tokens(counts, 1))
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").open()]
+    assert len(losses) == 3 and all(map(math.isfinite, losses))
 
 
 def test_cached_context_matches_batched(tiny_target, tiny_data):

@@ -172,6 +172,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=0.1,
         help="chain loss weight, 0 = off (default: 0.1)",
     )
+    tr.add_argument(
+        "--draft-vocab-size",
+        type=positive,
+        metavar="N",
+        help="train over the N most frequent response tokens of --data only, as the draft will "
+        "propose (saved with it, like `dflare draft-vocab`): the token head's forward and "
+        "backward cost N/V of the full vocabulary's (default: every token)",
+    )
     tr.add_argument("--max-seq-len", type=positive, default=2048)
     tr.add_argument(
         "--cache-target-hidden",

@@ -50,8 +50,8 @@ def init_from_draft(draft: DFlareDraftModel, path: str | Path) -> None:
             f"--init-draft {path}: the saved draft does not have this run's shape "
             f"({'; '.join(diff.values())}): set {', '.join(sorted(diff))} to match it"
         )
-    # Weights only: a reduced draft vocabulary is an inference setting, chosen after training
-    # (`dflare draft-vocab`); the training loss always covers every token.
+    # Weights only: a reduced draft vocabulary is chosen by this run (`--draft-vocab-size`) or
+    # after training (`dflare draft-vocab`).
     saved.set_draft_vocab(None)
     draft.load_state_dict(saved.state_dict())
 

@@ -8,17 +8,22 @@ position k), which :func:`token_stats` derives from the logits:
 * ``correct``: ``argmax q_k == y_k``, bool;
 * ``valid``: the label exists and lies inside the loss mask, bool. Blocks near the end of a
   sequence are padded: their trailing positions are invalid and count nowhere.
+* ``in_vocab`` (optional, all True by default): the label is a token the draft can propose. A
+  draft trained with a reduced vocabulary (``draft_vocab_ids``) cannot propose the others: such
+  a position is never accepted, so it is wrong, has no CE to train (its ``ce`` is 0) and ends
+  its block's accepted prefix.
 
 Terms (``w_k = exp(-(k-1)/gamma)``):
 
-* :class:`PositionWeightedCE`: ``sum w_k CE_k / sum w_k`` over all valid positions of the batch;
-  gamma fixed or ramped linearly over training (:class:`GammaSchedule`); ``gamma=None`` is
-  plain CE (w = 1).
+* :class:`PositionWeightedCE`: ``sum w_k CE_k / sum w_k`` over all valid in-vocabulary
+  positions of the batch; gamma fixed or ramped linearly over training (:class:`GammaSchedule`);
+  ``gamma=None`` is plain CE (w = 1).
 * :class:`FirstErrorFocalLoss`: ``w_{j*} CE_{j*}`` at the first wrong valid position j*,
-  averaged over the blocks that have an error (0 when no block has one).
-* :class:`ChainLoss`: ``-R`` with ``R = sum_k P_k / n``, ``P_k = exp(sum_{j<=k} log p_j)``, the
-  normalised expected accepted length, averaged over blocks; n is the block's number of valid
-  positions (B-1 for an unpadded block).
+  averaged over the blocks that have an error there the draft could fix (j* in vocabulary; 0
+  when no block has one).
+* :class:`ChainLoss`: ``-R`` with ``R = sum_k P_k / n``, ``P_k = exp(sum_{j<=k} log p_j)`` (0
+  from a position out of the vocabulary on), the normalised expected accepted length, averaged
+  over blocks; n is the block's number of valid positions (B-1 for an unpadded block).
 
 :class:`AlignmentLoss` sums them: ``L = L_pos + alpha_f L_fe + alpha_c L_chain`` (DESIGN.md's
 ``L_chain = -alpha_c R`` read with the weight applied once). A weight of 0 switches a term off.
@@ -34,9 +39,10 @@ import torch.nn.functional as F
 
 def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(CE [...], correct bool [...])`` of ``logits [..., V]`` vs ``labels``; CE in
-    float32 (float64 for float64 logits)."""
+    float32 (float64 for float64 logits). A label -1 (not in the head's vocabulary) has CE 0,
+    no gradient, and is never correct."""
     wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    ce = F.cross_entropy(wide.flatten(0, -2), labels.flatten(), reduction="none")
+    ce = F.cross_entropy(wide.flatten(0, -2), labels.flatten(), reduction="none", ignore_index=-1)
     correct = wide.argmax(-1) == labels  # (argmax over bf16 is ~4x slower on CPU)
     return ce.view(labels.shape), correct
 
@@ -83,8 +89,15 @@ def default_gamma(block_size: int) -> float:
 
 
 class PositionWeightedCE:
-    def __call__(self, ce: torch.Tensor, valid: torch.Tensor, gamma: float | None) -> torch.Tensor:
-        w = position_weights(ce.shape[-1], gamma, ce) * valid
+    def __call__(
+        self,
+        ce: torch.Tensor,
+        valid: torch.Tensor,
+        gamma: float | None,
+        in_vocab: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        trainable = valid if in_vocab is None else valid & in_vocab
+        w = position_weights(ce.shape[-1], gamma, ce) * trainable
         return (w * ce).sum() / w.sum().clamp_min(torch.finfo(ce.dtype).tiny)
 
 
@@ -95,18 +108,25 @@ class FirstErrorFocalLoss:
         correct: torch.Tensor,
         valid: torch.Tensor,
         gamma: float | None,
+        in_vocab: torch.Tensor | None = None,
     ) -> torch.Tensor:
         errors = valid & ~correct
-        has_error = errors.any(-1)
         first = errors.to(torch.int8).argmax(-1, keepdim=True)  # j* - 1 (0 where no error)
+        has_error = errors.any(-1)
+        if in_vocab is not None:  # an error out of the vocabulary has nothing to train
+            has_error = has_error & in_vocab.gather(-1, first).squeeze(-1)
         w = position_weights(ce.shape[-1], gamma, ce)
         per_block = (w[first] * ce.gather(-1, first)).squeeze(-1)
         return (per_block * has_error).sum() / has_error.sum().clamp_min(1)
 
 
 class ChainLoss:
-    def __call__(self, ce: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, ce: torch.Tensor, valid: torch.Tensor, in_vocab: torch.Tensor | None = None
+    ) -> torch.Tensor:
         prefix_prob = torch.exp(-(ce * valid).cumsum(-1))  # P_k; invalid tail is masked below
+        if in_vocab is not None:  # p_j = 0 at a label out of the vocabulary, and after it
+            prefix_prob = prefix_prob * (in_vocab | ~valid).to(ce.dtype).cumprod(-1)
         count = valid.sum(-1)
         expected_len = (prefix_prob * valid).sum(-1) / count.clamp_min(1)  # R per block
         has_label = count > 0
@@ -142,13 +162,14 @@ class AlignmentLoss:
         correct: torch.Tensor,
         valid: torch.Tensor,
         gamma: float | None,
+        in_vocab: torch.Tensor | None = None,
     ) -> LossTerms:
-        pos = self.position_ce(ce, valid, gamma)
+        pos = self.position_ce(ce, valid, gamma, in_vocab)
         total, fe, chain = pos, None, None
         if self.focal_weight:
-            fe_t = self.first_error(ce, correct, valid, gamma)
+            fe_t = self.first_error(ce, correct, valid, gamma, in_vocab)
             total, fe = total + self.focal_weight * fe_t, fe_t.item()
         if self.chain_weight:
-            chain_t = self.chain(ce, valid)
+            chain_t = self.chain(ce, valid, in_vocab)
             total, chain = total + self.chain_weight * chain_t, chain_t.item()
         return LossTerms(total, pos.item(), fe, chain)

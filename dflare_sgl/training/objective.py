@@ -4,7 +4,10 @@ the per-position statistics the losses read.
 Cost notes (CPU is the floor this must run on): the target runs without its ``lm_head``
 (only hidden states are needed); the frozen ``lm_head`` is applied only to block positions
 that have a label (not to the anchor token, nor to padded tails); it has no gradient of its
-own, so its backward is a single matmul into the draft.
+own, so its backward is a single matmul into the draft. A draft with a reduced vocabulary
+(``draft_vocab_ids``, N of the target's V tokens) is trained over those N rows of the head
+only, as it drafts: the head's forward and backward cost N / V of the full ones, and a label
+outside the N is a position the draft cannot get right (``BlockStats.in_vocab``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -29,11 +33,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @dataclass
 class BlockStats:
-    """Per block position (``[N blocks, B-1]``): ``ce`` float32, ``correct`` / ``valid`` bool."""
+    """Per block position (``[N blocks, B-1]``): ``ce`` float32, ``correct`` / ``valid`` bool;
+    ``in_vocab`` bool (the label is a token the draft can propose), None for a draft that
+    proposes every token."""
 
     ce: torch.Tensor
     correct: torch.Tensor
     valid: torch.Tensor
+    in_vocab: torch.Tensor | None = None
 
     def first_position_accuracy(self) -> torch.Tensor:
         first = self.valid[:, 0]
@@ -103,9 +110,31 @@ def draft_block_stats(
         k = anchors.shape[1]
         predicted = hidden.view(b, k, block_size, -1)[:, :, 1:]  # position 0 is x_a itself
         rows = predicted[blocks.valid]
-        logits = target.get_output_embeddings()(rows)
-    ce_rows, correct_rows = token_stats(logits, blocks.labels[blocks.valid])
+        head = target.get_output_embeddings()
+        labels = blocks.labels[blocks.valid]
+        vocab_ids = getattr(draft, "draft_vocab_ids", None)
+        if vocab_ids is None:
+            logits = head(rows)
+        else:
+            bias = None if head.bias is None else head.bias[vocab_ids]
+            logits = F.linear(rows, head.weight[vocab_ids], bias)
+            labels = draft_vocab_index(vocab_ids, head.weight.shape[0])[labels]
+    ce_rows, correct_rows = token_stats(logits, labels)
     ce = torch.zeros(blocks.valid.shape, dtype=torch.float32, device=rows.device)
     ce = ce.masked_scatter(blocks.valid, ce_rows)
     correct = torch.zeros_like(blocks.valid).masked_scatter(blocks.valid, correct_rows)
-    return BlockStats(ce.flatten(0, 1), correct.flatten(0, 1), blocks.valid.flatten(0, 1))
+    in_vocab = None
+    if vocab_ids is not None:
+        in_vocab = torch.ones_like(blocks.valid).masked_scatter(blocks.valid, labels >= 0)
+        in_vocab = in_vocab.flatten(0, 1)
+    return BlockStats(
+        ce.flatten(0, 1), correct.flatten(0, 1), blocks.valid.flatten(0, 1), in_vocab
+    )
+
+
+def draft_vocab_index(vocab_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int64 ``[vocab_size]``: each target token's row in a draft vocabulary ``vocab_ids``
+    ``[N]``, -1 for tokens outside it."""
+    index = torch.full((vocab_size,), -1, dtype=torch.int64, device=vocab_ids.device)
+    index[vocab_ids] = torch.arange(vocab_ids.numel(), device=vocab_ids.device)
+    return index

@@ -29,6 +29,7 @@ from dflare_sgl.target import load_target
 from dflare_sgl.training import checkpoint, data
 from dflare_sgl.training.context_cache import TargetContextCache
 from dflare_sgl.training.distributed import Dist, init_distributed, shard_model, shutdown
+from dflare_sgl.training.draft_vocab import most_frequent_tokens, response_token_counts
 from dflare_sgl.training.initialize import init_from_draft, init_from_target
 from dflare_sgl.training.loader import DataOrder, collate
 from dflare_sgl.training.losses import AlignmentLoss, GammaSchedule, default_gamma
@@ -69,6 +70,7 @@ class TrainConfig:
     cache_target_hidden: bool = False
     init_from_target: bool = False
     init_draft: str | None = None  # a saved draft folder to start from
+    draft_vocab_size: int | None = None  # train (and save) over the N most frequent tokens
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -224,6 +226,9 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
         init_from_draft(draft, cfg.init_draft)
     elif cfg.init_from_target:
         init_from_target(draft, target)
+    if cfg.draft_vocab_size is not None:
+        counts = response_token_counts(cfg.data, config.vocab_size)
+        draft.set_draft_vocab(most_frequent_tokens(counts, cfg.draft_vocab_size))
     model = shard_model(draft.to(d.device), d)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
@@ -269,7 +274,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
             context=None if cache is None else cache.context(target, batch, indices),
         )
         g = gamma.at(step, total)
-        terms = loss_fn(stats.ce, stats.correct, stats.valid, g)
+        terms = loss_fn(stats.ce, stats.correct, stats.valid, g, stats.in_vocab)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
