@@ -356,7 +356,8 @@ def test_training_learns(tmp_path, tiny_target, tiny_data, fusion):
 @pytest.mark.parametrize("fusion", ["layerwise", "dfly"])
 def test_fsdp_two_processes(tmp_path, tiny_target, tiny_data, fusion):
     """torchrun, 2 CPU ranks, gloo: the checkpoint loads and decodes losslessly (DFly: its
-    correction head runs inside the sharded forward)."""
+    correction head runs inside the sharded forward; DFlare: trained over a draft vocabulary,
+    a buffer beside the sharded parameters)."""
     out = tmp_path / "fsdp"
     cmd = [
         sys.executable,
@@ -391,6 +392,9 @@ def test_fsdp_two_processes(tmp_path, tiny_target, tiny_data, fusion):
         "--fusion",
         fusion,
     ]
+    vocab_size = 1 if fusion == "layerwise" else None
+    if vocab_size:
+        cmd += ["--draft-vocab-size", str(vocab_size)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         cmd,
@@ -411,6 +415,7 @@ def test_fsdp_two_processes(tmp_path, tiny_target, tiny_data, fusion):
     for folder in (out, out / "checkpoints" / "step-000003"):
         draft = DFlareDraftModel.from_pretrained(folder)
         assert draft.config.num_hidden_layers == 2
+        assert draft.config.draft_vocab_size == vocab_size
     target, _ = load_target(tiny_target)
     prompts = [ids[~mask].tolist() for ids, mask in load_sequences(Path(tiny_data))[:3]]
     decoder = SpeculativeDecoder(target, draft, block_size=4)
