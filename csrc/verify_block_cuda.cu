@@ -90,13 +90,9 @@ __device__ uint32_t filter_min_key(const RowSpan<T>& span, const RowParams& p, S
   u64 thread_max = 0;
   keys([&](uint32_t key, float, int64_t) { thread_max = umax64(thread_max, key); });
   const double z_max = key_to_float(static_cast<uint32_t>(block_max(thread_max, sh)));
-  const uint32_t top_k_key = min_key;
   const float top_p = p.top_p;
   return radix_select(
-      keys,
-      [=](float z) -> u64 {
-        return ordered_key(z) < top_k_key ? 0 : top_p_mass(static_cast<double>(z) - z_max);
-      },
+      keys, TopPWeight{min_key, z_max},
       [=](u64 total) -> u64 { return top_p_limit(top_p, total); }, sh);
 }
 
@@ -177,11 +173,8 @@ __device__ u64 select_filtered_row(const VerifyArgs& a, int64_t row, const RowSp
       lo = static_cast<u64>(fmax(0.0, ceil(estimate * (1.0 - kDroppedMassError) - terms)));
       hi = static_cast<u64>(floor(estimate * (1.0 + 2.0 * kDroppedMassError))) + 1;
     }
-    const uint32_t top_k_key = min_key;
+    const TopPWeight weight{min_key, z_max};
     const float top_p = p.top_p;
-    const auto weight = [=](float z) -> u64 {
-      return ordered_key(z) < top_k_key ? 0 : top_p_mass(static_cast<double>(z) - z_max);
-    };
     // The threshold falls as the limit rises: the two ends agreeing fixes it.
     min_key = radix_select(
         keys, weight, [=](u64 total) { return top_p_limit(top_p, total + hi); }, sh);

@@ -200,7 +200,6 @@ struct CandidateSummary {
   uint32_t admit_key;      // every token of the chunk with key >= admit_key is a candidate
   uint32_t dropped_terms;  // tokens counted in dropped_mass
   uint32_t overflow;       // the buffer could not be cut: the row takes the exact fallback
-  uint32_t unused;
 };
 
 struct RowCandidateKeys {  // every CTA's candidates of one row, written in this launch
@@ -219,6 +218,16 @@ struct RowCandidateKeys {  // every CTA's candidates of one row, written in this
 
 // Weight of every key when radix selection counts them (top-k).
 struct UnitWeight {};
+
+// Weight of a scaled logit when radix selection sums top-p mass: its fixed-point mass below
+// the row max z_max, 0 for a token top-k dropped (key below top_k_key).
+struct TopPWeight {
+  uint32_t top_k_key;
+  double z_max;
+  __device__ u64 operator()(float z) const {
+    return ordered_key(z) < top_k_key ? 0 : top_p_mass(static_cast<double>(z) - z_max);
+  }
+};
 
 // Radix selection: the largest key x with W(key >= x) >= target, where W sums weight(z)
 // over the visited keys (UnitWeight: counts; fixed-point mass for top-p). One histogram pass
@@ -412,7 +421,7 @@ __device__ void collect_candidates(const RowSpan<T>& span, const Chunk& c, float
   const u64 terms = block_sum(static_cast<u64>(dropped.terms), sh);
   if (threadIdx.x == 0) {
     *summary = CandidateSummary{mass, max_z, count, sh.admit_key, static_cast<uint32_t>(terms),
-                                sh.overflow ? 1u : 0u, 0u};
+                                sh.overflow ? 1u : 0u};
   }
 }
 
