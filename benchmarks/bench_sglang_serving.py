@@ -6,7 +6,8 @@ measured by SGLang's own ``python -m sglang.bench_serving``.
 For each server (DFLARE, then the target alone) it starts ``dflare serve``, runs
 ``sglang.bench_serving`` (random-ids prompts, fixed lengths) at each concurrency, and prints
 one markdown table: output tokens/s and SGLang's average accept length per setting. Every
-server runs in its own process group and is killed by pid afterwards. Pin threads for
+server runs in its own process group and is killed by its group id afterwards
+(:class:`dflare_sgl.sglang_plugin.server_process.ServerProcess`). Pin threads for
 stable numbers (the script passes ``OMP_NUM_THREADS`` through; ``dflare serve`` defaults it
 to 1 on CPU).
 """
@@ -15,49 +16,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import requests
 from tqdm import tqdm
 
+from dflare_sgl.sglang_plugin.server_process import ServerProcess
 from dflare_sgl.target import resolve_target
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _serve_args(args, speculative: bool) -> list[str]:
+    serve = ["--device", args.device, "--target", args.target]
+    serve += ["--draft", args.draft] if speculative else ["--no-speculation"]
+    sglang = ["--dtype", args.dtype, "--disable-cuda-graph", "--decode-log-interval", "1"]
+    return serve + ["--", *sglang]
 
 
-def _start(args, speculative: bool, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "dflare_sgl.cli", "serve", "--device", args.device]
-    cmd += ["--target", args.target, "--port", str(port)]
-    cmd += ["--draft", args.draft] if speculative else ["--no-speculation"]
-    cmd += ["--", "--dtype", args.dtype, "--disable-cuda-graph", "--decode-log-interval", "1"]
-    with open(log, "w") as out:  # the server keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + args.start_timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health_generate", timeout=30).ok:
-                return proc
-        except requests.ConnectionError:
-            pass
-        time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError(f"server did not start; see {log}")
-
-
-def _bench(args, port: int, concurrency: int, out: Path) -> dict:
+def _bench(args, url: str, concurrency: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang"]
-    cmd += ["--base-url", f"http://127.0.0.1:{port}", "--tokenizer", args.target]
+    cmd += ["--base-url", url, "--tokenizer", args.target]
     cmd += ["--dataset-name", "random-ids", "--random-range-ratio", "1"]
     cmd += ["--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len)]
     cmd += ["--num-prompts", str(args.prompts_per_slot * concurrency)]
@@ -85,16 +64,14 @@ def main() -> None:
     rows = []
     bar = tqdm(total=2 * len(args.concurrency), desc="bench_serving runs")
     for name, speculative in (("DFLARE", True), ("none", False)):
-        port = _free_port()
-        proc = _start(args, speculative, port, work / f"server_{name}.log")
-        try:
+        server = ServerProcess(
+            _serve_args(args, speculative), work / f"server_{name}.log", args.start_timeout
+        )
+        with server as url:
             for c in args.concurrency:
-                r = _bench(args, port, c, work / f"{name}_{c}.jsonl")
+                r = _bench(args, url, c, work / f"{name}_{c}.jsonl")
                 rows.append((name, c, r["output_throughput"], r.get("accept_length")))
                 bar.update()
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     bar.close()
     print("| speculation | concurrency | output tok/s | accept length |")
     print("| --- | --- | --- | --- |")

@@ -72,7 +72,12 @@ def encode_prompts(
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
-    eos = model.generation_config.eos_token_id
+    return eos_token_ids(model.generation_config, tokenizer)
+
+
+def eos_token_ids(generation_config, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The token ids that end a response: the generation config's and the tokenizer's EOS."""
+    eos = generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     return tuple(sorted(i for i in ids if i is not None))
 

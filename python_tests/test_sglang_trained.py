@@ -30,7 +30,7 @@ def trained(tmp_path_factory, smollm2_dir):
     # The data and training settings test_training_run.py shows to learn this target.
     data = generate_data(_gen_config(str(target), root / "data"))
     draft = train(_train_config(str(target), str(data), root / "draft", steps=20, anchors=16))
-    prompts = [ids[~mask].tolist() for ids, mask in load_sequences(Path(data))]
+    prompts = [s.prompt().tolist() for s in load_sequences(Path(data))]
     return target, draft, prompts
 
 

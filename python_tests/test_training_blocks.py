@@ -68,6 +68,32 @@ def test_block_inputs_and_labels():
     ]
 
 
+def test_block_labels_follow_the_target():
+    """Target-labelled text: block position k is labelled with the target's token after
+    x_0..x_{a+k-1} while the text agrees with the target's greedy tokens before it; the first
+    disagreeing position keeps its (target) label, the rest of the block has none."""
+    ids = torch.arange(100, 120)[None]
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    mask[0, 5:18] = True
+    target = torch.where(mask, ids, -1)
+    target[0, 8] = 55  # the target would not write x_8: disagrees there
+    target[0, 12] = 66
+    anchors = torch.tensor([[5, 6, 8, 10, 15]])
+    every = torch.ones_like(anchors, dtype=torch.bool)
+    blocks = build_blocks(ids, mask, anchors, every, B, MASK, target)
+    assert blocks.labels.tolist() == [
+        [[106, 107, 55], [107, 55, 0], [109, 110, 111], [111, 66, 0], [116, 117, 0]]
+    ]
+    assert blocks.valid.tolist() == [
+        [[True] * 3, [True, True, False], [True] * 3, [True, True, False], [True, True, False]]
+    ]
+    assert blocks.label_positions[0, 0].tolist() == [6, 7, 8]
+    # Text that always agrees: the text's own labels.
+    same = build_blocks(ids, mask, anchors, every, B, MASK)
+    agreeing = build_blocks(ids, mask, anchors, every, B, MASK, torch.where(mask, ids, -1))
+    assert torch.equal(same.labels, agreeing.labels) and torch.equal(same.valid, agreeing.valid)
+
+
 def test_block_mask_matches_brute_force():
     g = torch.Generator().manual_seed(1)
     s = 30

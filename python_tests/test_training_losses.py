@@ -13,6 +13,8 @@ from dflare_sgl.training.losses import (
     FirstErrorFocalLoss,
     GammaSchedule,
     PositionWeightedCE,
+    SoftTargetKL,
+    soft_target_kl,
     token_stats,
 )
 
@@ -178,3 +180,94 @@ def test_gradcheck_float64(term, reduced_vocab):
         return ChainLoss()(ce, valid, in_vocab)
 
     assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-7)
+
+
+def _soft_targets(rows: int, top_k: int, dtype=torch.float64):
+    """Target log-probabilities over V (a full distribution), its top-k ids and values."""
+    g = torch.Generator().manual_seed(3)
+    target_logprobs = torch.randn(rows, V, generator=g, dtype=dtype).mul(2).log_softmax(-1)
+    values, ids = target_logprobs.topk(top_k, dim=-1)
+    return target_logprobs, ids, values
+
+
+def _hand_kl(draft_logits, target_logprobs, ids):
+    """KL over the outcomes {each listed id the draft has (id >= 0)} + {anything else},
+    position by position with math."""
+    out = []
+    for r in range(draft_logits.shape[0]):
+        q = [math.exp(x) for x in draft_logits[r].tolist()]
+        q = [x / sum(q) for x in q]
+        p = [math.exp(x) for x in target_logprobs[r].tolist()]
+        listed = [int(i) for i in ids[r].tolist() if i >= 0]
+        kl = sum(p[i] * math.log(p[i] / q[i]) for i in listed)
+        p_other, q_other = 1 - sum(p[i] for i in listed), 1 - sum(q[i] for i in listed)
+        out.append(kl + (p_other * math.log(p_other / q_other) if p_other > 0 else 0.0))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_soft_target_kl_matches_a_hand_computation():
+    """The top-k KL on hand-computed cases: the target's full distribution seen through its
+    top-3 (the rest one outcome); ids the draft's head lacks (-1) join "anything else"; the
+    whole vocabulary listed is the full KL; a draft equal to the target on the listed tokens and
+    on the rest's total gives 0."""
+    draft = torch.randn(6, V, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    target_logprobs, ids, values = _soft_targets(6, 3)
+    got = soft_target_kl(draft, ids, values)
+    torch.testing.assert_close(got, _hand_kl(draft, target_logprobs, ids))
+    assert (got > 0).all()
+    lacking = ids.clone()
+    lacking[:, 1] = -1
+    torch.testing.assert_close(
+        soft_target_kl(draft, lacking, values), _hand_kl(draft, target_logprobs, lacking)
+    )
+    _, all_ids, all_values = _soft_targets(6, V)
+    full = torch.nn.functional.kl_div(
+        draft.log_softmax(-1), target_logprobs, log_target=True, reduction="none"
+    ).sum(-1)
+    torch.testing.assert_close(soft_target_kl(draft, all_ids, all_values), full)
+    # Equal on the top-3 and on the rest's total mass (spread differently): zero.
+    matched = target_logprobs.clone()
+    rest = torch.ones_like(matched, dtype=torch.bool).scatter_(-1, ids, False)
+    other = torch.logsumexp(matched.masked_fill(~rest, -math.inf), -1, keepdim=True)
+    matched = torch.where(rest, other - math.log(V - 3), matched)
+    zero = soft_target_kl(matched, ids, values)
+    torch.testing.assert_close(zero, torch.zeros_like(zero), atol=1e-12, rtol=0)
+
+
+def test_soft_target_kl_term():
+    """SoftTargetKL: the position-weighted mean over valid positions; in AlignmentLoss with its
+    weight; asked for without soft targets, a clear error."""
+    g = torch.Generator().manual_seed(5)
+    kl = torch.rand(4, K, generator=g, dtype=torch.float64)
+    valid = torch.rand(4, K, generator=g) > 0.3
+    w = torch.tensor([math.exp(-k / GAMMA) for k in range(K)], dtype=torch.float64)
+    expected = (kl * w * valid).sum() / (w * valid).sum()
+    torch.testing.assert_close(SoftTargetKL()(kl, valid, GAMMA), expected)
+    logits, labels, valid = _blocks()
+    ce, correct = token_stats(logits, labels)
+    kl = torch.rand(valid.shape, generator=g, dtype=torch.float64) * valid
+    off = AlignmentLoss(0.3, 0.5)(ce, correct, valid, GAMMA)
+    on = AlignmentLoss(0.3, 0.5, kl_weight=0.7)(ce, correct, valid, GAMMA, kl=kl)
+    assert off.soft_target_kl is None
+    torch.testing.assert_close(on.soft_target_kl, SoftTargetKL()(kl, valid, GAMMA).item())
+    torch.testing.assert_close(on.total, off.total + 0.7 * SoftTargetKL()(kl, valid, GAMMA))
+    with pytest.raises(ValueError, match="soft targets"):
+        AlignmentLoss(kl_weight=1.0)(ce, correct, valid, GAMMA)
+
+
+@pytest.mark.parametrize("lacking", [False, True])
+def test_soft_target_kl_gradcheck_float64(lacking):
+    """Gradients of the top-k KL, also with listed ids the head lacks and with a head no larger
+    than the list (no "other" outcome: the row leaves the tail out, no NaN)."""
+    _, ids, values = _soft_targets(5, 3)
+    if lacking:
+        ids = ids.clone()
+        ids[:, 0] = -1
+    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    logits.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: soft_target_kl(x, ids, values), (logits,))
+    small = logits[:, :3].detach().clone().requires_grad_(True)  # head of 3 tokens, all listed
+    every = torch.arange(3).expand(5, 3)
+    assert torch.autograd.gradcheck(lambda x: soft_target_kl(x, every, values), (small,))
+    soft_target_kl(small, every, values).sum().backward()
+    assert torch.isfinite(small.grad).all()

@@ -336,7 +336,7 @@ def test_training_learns(tmp_path, tiny_target, tiny_data, fusion):
     print("losses", losses)
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
     target, _ = load_target(tiny_target)
-    prompts = [ids[~mask].tolist() for ids, mask in load_sequences(Path(tiny_data))]
+    prompts = [s.prompt().tolist() for s in load_sequences(Path(tiny_data))]
     trained = DFlareDraftModel.from_pretrained(out)
     untrained = DFlareDraftModel(trained.config, generator=torch.Generator().manual_seed(0))
     taus = [
@@ -417,7 +417,7 @@ def test_fsdp_two_processes(tmp_path, tiny_target, tiny_data, fusion):
         assert draft.config.num_hidden_layers == 2
         assert draft.config.draft_vocab_size == vocab_size
     target, _ = load_target(tiny_target)
-    prompts = [ids[~mask].tolist() for ids, mask in load_sequences(Path(tiny_data))[:3]]
+    prompts = [s.prompt().tolist() for s in load_sequences(Path(tiny_data))[:3]]
     decoder = SpeculativeDecoder(target, draft, block_size=4)
     results = decoder.generate(prompts, SamplingParams(max_new_tokens=16))
     for prompt, res in zip(prompts, results, strict=True):
@@ -485,8 +485,8 @@ def test_draft_vocab_cli(tmp_path, tiny_target, tiny_data, capsys):
     config = DraftConfig.for_target(load_target(tiny_target)[0].config, num_draft_layers=1)
     DFlareDraftModel(config).save_pretrained(tmp_path / "draft")
     counts = torch.zeros(config.vocab_size, dtype=torch.int64)
-    for ids, mask in load_sequences(Path(tiny_data)):
-        counts += torch.bincount(ids[mask], minlength=config.vocab_size)
+    for s in load_sequences(Path(tiny_data)):
+        counts += torch.bincount(s.input_ids[s.loss_mask], minlength=config.vocab_size)
     args = ["draft-vocab", "--data", tiny_data, "--draft", str(tmp_path / "draft"), "--size", "3"]
     assert main(args + ["--out", str(tmp_path / "reduced")]) == 0
     assert "covering 100.00% of the response tokens" in capsys.readouterr().out

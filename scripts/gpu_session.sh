@@ -45,7 +45,10 @@ half = len(packed) // 2
 (root / "a" / "gguf.xz.0").write_bytes(packed[:half])
 (root / "b" / "gguf.xz.1").write_bytes(packed[half:])
 # ShareGPT's training prompts (evaluation prompts already excluded), without the 120 MB package.
-rows = "".join(json.dumps(p._asdict()) + "\n" for p in training_prompts())
+# First turns only (a JSONL prompt's conversation is its text and reply): the payload stays small.
+rows = "".join(
+    json.dumps({"id": p.id, "text": p.text, "reply": p.reply}) + "\n" for p in training_prompts()
+)
 (root / "b" / "prompts.jsonl.xz").write_bytes(lzma.compress(rows.encode(), preset=9))
 PY
   du -sh .gpu/a .gpu/b

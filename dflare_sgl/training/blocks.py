@@ -8,6 +8,12 @@ are ``[S context tokens (target hidden states), K*B block tokens]``, and a block
 context strictly before its anchor plus its own block, never another block. That is exactly
 what a block sees at inference, where ``x_a`` is the last committed token and the context is
 the target hidden states of the tokens before it.
+
+Labels are the text's own tokens, or, for target-labelled text, the target's greedy tokens
+(``target_ids``): block position k's label is then the target's token after
+``x_0..x_{a+k-1}``, which is its greedy continuation of the anchor only while the text agrees
+with it, so positions after the first disagreement have no label (the first disagreeing
+position has one: the target's token there).
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ class Blocks:
     ``token_ids [b, K*B]`` block tokens ``[x_a, MASK...]``; ``positions [b, K*B]`` their
     absolute positions; ``prev_token_ids [b, K*B]`` the text token before each slot's label
     (``x_{a+k-1}``; ``x_a`` at slot 0), what DFly's correction head is teacher-forced with;
-    ``labels [b, K, B-1]`` ``x_{a+k}`` (0 where invalid); ``valid [b, K, B-1]`` the label
-    exists and is in the loss mask; ``anchors [b, K]``.
+    ``labels [b, K, B-1]`` ``x_{a+k}`` or the target's token there (0 where invalid);
+    ``valid [b, K, B-1]`` the label exists and is in the loss mask (and, for target labels,
+    the text agrees with the target before it); ``label_positions [b, K, B-1]`` the labels'
+    sequence positions (clamped inside it); ``anchors [b, K]``.
     """
 
     token_ids: torch.Tensor
@@ -58,6 +66,7 @@ class Blocks:
     prev_token_ids: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor
+    label_positions: torch.Tensor
     anchors: torch.Tensor
 
 
@@ -68,8 +77,11 @@ def build_blocks(
     anchor_valid: torch.Tensor,
     block_size: int,
     mask_token_id: int,
+    target_ids: torch.Tensor | None = None,
 ) -> Blocks:
-    """Blocks for ``input_ids / loss_mask [b, S]`` at ``anchors / anchor_valid [b, K]``."""
+    """Blocks for ``input_ids / loss_mask [b, S]`` at ``anchors / anchor_valid [b, K]``;
+    ``target_ids [b, S]`` (the target's greedy token at each loss-mask position) makes the
+    labels follow the target instead of the text."""
     b, s = input_ids.shape
     k = anchors.shape[1]
     offsets = torch.arange(block_size, device=anchors.device)
@@ -79,8 +91,14 @@ def build_blocks(
     label_pos = positions[:, :, 1:]
     inside = label_pos < s
     label_pos = label_pos.clamp_max(s - 1).flatten(1)
-    labels = input_ids.gather(1, label_pos).view(b, k, block_size - 1)
+    labelled_by = input_ids if target_ids is None else target_ids
+    labels = labelled_by.gather(1, label_pos).view(b, k, block_size - 1)
     valid = inside & anchor_valid[:, :, None] & loss_mask.gather(1, label_pos).view_as(inside)
+    if target_ids is not None:
+        # Label k needs x_{a+j} == the target's token for every j < k.
+        agrees = (input_ids == target_ids).gather(1, label_pos).view_as(inside)
+        before = torch.cat([torch.ones_like(agrees[..., :1]), agrees[..., :-1]], dim=-1)
+        valid &= before.cummin(dim=-1).values
     prev_pos = torch.maximum(positions - 1, anchors[:, :, None]).clamp_max(s - 1)
     return Blocks(
         token_ids=token_ids.flatten(1),
@@ -88,6 +106,7 @@ def build_blocks(
         prev_token_ids=input_ids.gather(1, prev_pos.flatten(1)),
         labels=torch.where(valid, labels, 0),
         valid=valid,
+        label_positions=label_pos.view_as(inside),
         anchors=anchors,
     )
 

@@ -74,15 +74,46 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     gen.add_argument(
         "--responses",
-        choices=["target", "sharegpt"],
+        choices=["target", "sharegpt", "labelled"],
         default="target",
-        help="target: the target's own responses (default); sharegpt: the dataset's replies, "
-        "no generation (pretraining data for a later fine-tune on regenerated data)",
+        help="target: the target's own responses (default); sharegpt: the dataset's first "
+        "replies, no generation (pretraining data for a later fine-tune on regenerated data); "
+        "labelled: every assistant turn of the conversations, labelled by one batched target "
+        "prefill with its greedy tokens and top-k log-probabilities (no generation)",
+    )
+    gen.add_argument(
+        "--top-k",
+        type=int,
+        default=8,
+        metavar="K",
+        help="labelled: the target's K likeliest tokens kept per position as soft targets for "
+        "train --kl-weight, 0 = greedy labels only (default: 8)",
+    )
+    gen.add_argument(
+        "--max-len",
+        type=positive,
+        default=1024,
+        metavar="N",
+        help="labelled: conversations cut at N tokens (default: 1024)",
+    )
+    gen.add_argument(
+        "--backend",
+        default="hf",
+        metavar="hf|sglang|URL",
+        help="what regenerates (--responses target): hf = HF generate in this process "
+        "(default); sglang = an SGLang server gen-data starts for the target (continuous "
+        "batching); http://HOST:PORT = a running SGLang server of the same target",
     )
     gen.add_argument("--limit", type=positive, metavar="N", help="number of prompts (default all)")
     gen.add_argument("--max-new-tokens", type=positive, default=256, metavar="M")
     gen.add_argument("--max-prompt-tokens", type=positive, default=512, help="skip longer prompts")
-    gen.add_argument("--batch-size", type=positive, default=16, metavar="B")
+    gen.add_argument(
+        "--batch-size",
+        type=positive,
+        metavar="B",
+        help="prompts per forward (default: 16; labelled text on a CPU: 1, where padding "
+        "costs more than batching gains)",
+    )
     gen.add_argument("--shard-size", type=positive, default=64, help="prompts per shard")
     gen.add_argument(
         "--temperature",
@@ -171,6 +202,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=nonnegative,
         default=0.1,
         help="chain loss weight, 0 = off (default: 0.1)",
+    )
+    tr.add_argument(
+        "--kl-weight",
+        type=nonnegative,
+        default=0.0,
+        help="KL to the target's top-k soft targets (data from gen-data --responses labelled), "
+        "0 = off (default: 0)",
     )
     tr.add_argument(
         "--draft-vocab-size",

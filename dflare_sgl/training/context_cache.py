@@ -29,12 +29,7 @@ class TargetContextCache:
         rows = []
         for i, (index, n) in enumerate(zip(indices, lengths, strict=True)):
             if index not in self.store:
-                one = Batch(
-                    *(
-                        t[i : i + 1, :n]
-                        for t in (batch.input_ids, batch.loss_mask, batch.attention_mask)
-                    )
-                )
+                one = batch.row(i, n)
                 self.store[index] = target_context(target, one, self.layer_ids, self.dtype)[0].cpu()
             rows.append(self.store[index])
         b, s = batch.input_ids.shape

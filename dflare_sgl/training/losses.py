@@ -24,9 +24,13 @@ Terms (``w_k = exp(-(k-1)/gamma)``):
 * :class:`ChainLoss`: ``-R`` with ``R = sum_k P_k / n``, ``P_k = exp(sum_{j<=k} log p_j)`` (0
   from a position out of the vocabulary on), the normalised expected accepted length, averaged
   over blocks; n is the block's number of valid positions (B-1 for an unpadded block).
+* :class:`SoftTargetKL` (target-labelled data with top-k soft targets): ``sum w_k KL_k / sum
+  w_k`` over the valid positions, ``KL_k`` the divergence of the draft from the target's
+  distribution there, seen through the target's top-k (:func:`soft_target_kl`).
 
-:class:`AlignmentLoss` sums them: ``L = L_pos + alpha_f L_fe + alpha_c L_chain`` (DESIGN.md's
-``L_chain = -alpha_c R`` read with the weight applied once). A weight of 0 switches a term off.
+:class:`AlignmentLoss` sums them: ``L = L_pos + alpha_f L_fe + alpha_c L_chain + alpha_kl L_kl``
+(DESIGN.md's ``L_chain = -alpha_c R`` read with the weight applied once). A weight of 0
+switches a term off.
 """
 
 from __future__ import annotations
@@ -45,6 +49,35 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     ce = F.cross_entropy(wide.flatten(0, -2), labels.flatten(), reduction="none", ignore_index=-1)
     correct = wide.argmax(-1) == labels  # (argmax over bf16 is ~4x slower on CPU)
     return ce.view(labels.shape), correct
+
+
+def soft_target_kl(
+    logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """Per-row ``KL(p || q)`` of the draft ``q = softmax(logits [R, V'])`` from the target's
+    distribution p, known through its top-k: ``topk_ids [R, K]`` (rows of ``logits``; -1 for a
+    token the draft's head does not have) and their log-probabilities over the target's whole
+    vocabulary ``topk_logprobs [R, K]``. Returns float32 ``[R]`` (float64 for float64 logits).
+
+    Both distributions are read on the same K' + 1 outcomes: each listed token the draft has,
+    and "any other token" (target mass ``1 - sum p_i``, draft mass ``1 - sum q_i``), so the
+    value is a true KL divergence: >= 0, and 0 exactly when the draft gives every listed token
+    the target's probability. A row whose draft has no other token (a head no larger than the
+    list) has no "other" outcome to match and leaves it out.
+    """
+    logq = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    listed = topk_ids >= 0
+    safe_ids = topk_ids.clamp_min(0)
+    p = topk_logprobs.to(logq.dtype).exp() * listed
+    head = (p * (topk_logprobs.to(logq.dtype) - logq.gather(-1, safe_ids))).sum(-1)
+    hit = torch.zeros_like(logq).scatter_add_(-1, safe_ids, listed.to(logq.dtype)) > 0
+    has_other = ~hit.all(-1)
+    # Rows without another token get zeros instead of -inf: no NaN in the backward.
+    other = torch.where(has_other[:, None], logq.masked_fill(hit, float("-inf")), 0.0)
+    log_q_other = other.logsumexp(-1)
+    p_other = (1 - p.sum(-1)).clamp_min(0)
+    tail = torch.xlogy(p_other, p_other) - p_other * log_q_other
+    return head + tail * has_other
 
 
 def position_weights(num_positions: int, gamma: float | None, like: torch.Tensor) -> torch.Tensor:
@@ -133,6 +166,14 @@ class ChainLoss:
         return -(expected_len * has_label).sum() / has_label.sum().clamp_min(1)
 
 
+class SoftTargetKL:
+    """``sum w_k KL_k / sum w_k`` over the valid positions (``kl [N, B-1]``, 0 elsewhere)."""
+
+    def __call__(self, kl: torch.Tensor, valid: torch.Tensor, gamma: float | None) -> torch.Tensor:
+        w = position_weights(kl.shape[-1], gamma, kl) * valid
+        return (w * kl).sum() / w.sum().clamp_min(torch.finfo(kl.dtype).tiny)
+
+
 @dataclass
 class LossTerms:
     """The total and its parts (plain floats for logging; None where a term is off)."""
@@ -141,19 +182,24 @@ class LossTerms:
     position_ce: float
     first_error: float | None
     chain: float | None
+    soft_target_kl: float | None = None
 
 
 class AlignmentLoss:
-    """``L = L_pos + focal_weight * L_fe + chain_weight * L_chain``; weight 0 skips a term."""
+    """``L = L_pos + focal_weight * L_fe + chain_weight * L_chain + kl_weight * L_kl``; weight
+    0 skips a term."""
 
-    def __init__(self, focal_weight: float = 0.3, chain_weight: float = 0.1) -> None:
-        if focal_weight < 0 or chain_weight < 0:
+    def __init__(
+        self, focal_weight: float = 0.3, chain_weight: float = 0.1, kl_weight: float = 0.0
+    ) -> None:
+        if min(focal_weight, chain_weight, kl_weight) < 0:
             raise ValueError("loss weights must be >= 0")
-        self.focal_weight, self.chain_weight = focal_weight, chain_weight
-        self.position_ce, self.first_error, self.chain = (
+        self.focal_weight, self.chain_weight, self.kl_weight = focal_weight, chain_weight, kl_weight
+        self.position_ce, self.first_error, self.chain, self.soft_target = (
             PositionWeightedCE(),
             FirstErrorFocalLoss(),
             ChainLoss(),
+            SoftTargetKL(),
         )
 
     def __call__(
@@ -163,13 +209,19 @@ class AlignmentLoss:
         valid: torch.Tensor,
         gamma: float | None,
         in_vocab: torch.Tensor | None = None,
+        kl: torch.Tensor | None = None,
     ) -> LossTerms:
         pos = self.position_ce(ce, valid, gamma, in_vocab)
-        total, fe, chain = pos, None, None
+        total, fe, chain, soft = pos, None, None, None
         if self.focal_weight:
             fe_t = self.first_error(ce, correct, valid, gamma, in_vocab)
             total, fe = total + self.focal_weight * fe_t, fe_t.item()
         if self.chain_weight:
             chain_t = self.chain(ce, valid, in_vocab)
             total, chain = total + self.chain_weight * chain_t, chain_t.item()
-        return LossTerms(total, pos.item(), fe, chain)
+        if self.kl_weight:
+            if kl is None:
+                raise ValueError("kl_weight > 0 needs the per-position KL (soft targets)")
+            kl_t = self.soft_target(kl, valid, gamma)
+            total, soft = total + self.kl_weight * kl_t, kl_t.item()
+        return LossTerms(total, pos.item(), fe, chain, soft)

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from dflare_sgl.draft_model import capture_target_hidden
 from dflare_sgl.training.blocks import Blocks, block_attention_mask, build_blocks, sample_anchors
 from dflare_sgl.training.loader import Batch
-from dflare_sgl.training.losses import token_stats
+from dflare_sgl.training.losses import soft_target_kl, token_stats
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -35,12 +35,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 class BlockStats:
     """Per block position (``[N blocks, B-1]``): ``ce`` float32, ``correct`` / ``valid`` bool;
     ``in_vocab`` bool (the label is a token the draft can propose), None for a draft that
-    proposes every token."""
+    proposes every token; ``kl`` float32, the divergence from the target's soft targets
+    (:func:`soft_target_kl`, 0 where invalid), None unless asked for."""
 
     ce: torch.Tensor
     correct: torch.Tensor
     valid: torch.Tensor
     in_vocab: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
 
     def first_position_accuracy(self) -> torch.Tensor:
         first = self.valid[:, 0]
@@ -79,17 +81,25 @@ def draft_block_stats(
     generator: torch.Generator,
     dtype: torch.dtype | None,
     context: torch.Tensor | None = None,
+    soft_targets: bool = False,
 ) -> BlockStats:
     """Sample anchors, run every block of every sequence through the draft, score them.
 
     ``context``: the batch's captured target hidden states ``[b, S, T, H]`` when already known
-    (:mod:`context_cache`); None computes them."""
+    (:mod:`context_cache`); None computes them. Labels follow the target where the batch has
+    ``target_ids``; ``soft_targets`` adds the KL to its top-k (the batch must carry them)."""
     if context is None:
         context = target_context(target, batch, layer_ids, dtype)
     b, s = batch.input_ids.shape
     anchors, anchor_valid = sample_anchors(batch.loss_mask, num_anchors, generator)
     blocks: Blocks = build_blocks(
-        batch.input_ids, batch.loss_mask, anchors, anchor_valid, block_size, mask_token_id
+        batch.input_ids,
+        batch.loss_mask,
+        anchors,
+        anchor_valid,
+        block_size,
+        mask_token_id,
+        batch.target_ids,
     )
     mask = block_attention_mask(anchors, block_size, s)
     context_positions = torch.arange(s, device=anchors.device).expand(b, s)
@@ -113,22 +123,39 @@ def draft_block_stats(
         head = target.get_output_embeddings()
         labels = blocks.labels[blocks.valid]
         vocab_ids = getattr(draft, "draft_vocab_ids", None)
+        soft_ids = None
+        if soft_targets:
+            if batch.topk_ids is None:
+                raise ValueError(
+                    "the soft-target KL needs top-k soft targets in the data: make it with "
+                    "`dflare gen-data --responses labelled --top-k K`, or pass --kl-weight 0"
+                )
+            rows_of = torch.arange(b, device=anchors.device)[:, None, None].expand_as(blocks.valid)
+            where = (rows_of[blocks.valid], blocks.label_positions[blocks.valid])
+            soft_ids, soft_logprobs = batch.topk_ids[where], batch.topk_logprobs[where]
         if vocab_ids is None:
             logits = head(rows)
         else:
             bias = None if head.bias is None else head.bias[vocab_ids]
             logits = F.linear(rows, head.weight[vocab_ids], bias)
-            labels = draft_vocab_index(vocab_ids, head.weight.shape[0])[labels]
+            index = draft_vocab_index(vocab_ids, head.weight.shape[0])
+            labels = index[labels]
+            if soft_ids is not None:
+                soft_ids = torch.where(soft_ids >= 0, index[soft_ids.clamp_min(0)], -1)
     ce_rows, correct_rows = token_stats(logits, labels)
-    ce = torch.zeros(blocks.valid.shape, dtype=torch.float32, device=rows.device)
-    ce = ce.masked_scatter(blocks.valid, ce_rows)
-    correct = torch.zeros_like(blocks.valid).masked_scatter(blocks.valid, correct_rows)
-    in_vocab = None
+    valid = blocks.valid
+    ce = torch.zeros(valid.shape, dtype=torch.float32, device=rows.device)
+    ce = ce.masked_scatter(valid, ce_rows)
+    correct = torch.zeros_like(valid).masked_scatter(valid, correct_rows)
+    in_vocab = kl = None
     if vocab_ids is not None:
-        in_vocab = torch.ones_like(blocks.valid).masked_scatter(blocks.valid, labels >= 0)
-        in_vocab = in_vocab.flatten(0, 1)
+        in_vocab = torch.ones_like(valid).masked_scatter(valid, labels >= 0).flatten(0, 1)
+    if soft_ids is not None:
+        kl_rows = soft_target_kl(logits, soft_ids, soft_logprobs)
+        kl = torch.zeros(valid.shape, dtype=kl_rows.dtype, device=rows.device)
+        kl = kl.masked_scatter(valid, kl_rows).flatten(0, 1)
     return BlockStats(
-        ce.flatten(0, 1), correct.flatten(0, 1), blocks.valid.flatten(0, 1), in_vocab
+        ce.flatten(0, 1), correct.flatten(0, 1), valid.flatten(0, 1), in_vocab, kl
     )
 
 

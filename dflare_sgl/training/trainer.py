@@ -56,6 +56,7 @@ class TrainConfig:
     position_weighting: bool = True
     focal_weight: float = 0.3
     chain_weight: float = 0.1
+    kl_weight: float = 0.0  # soft-target KL (target-labelled data with top-k)
     max_seq_len: int = 2048
     precision: str = "auto"  # auto | bf16 | fp32
     device: str = "cpu"
@@ -169,18 +170,20 @@ def _prepare_data(cfg: TrainConfig, target, tokenizer):
     folder = Path(cfg.data)
     meta = data.read_metadata(folder)
     data.check_target(meta, target.config, tokenizer, folder)
-    sequences = [
-        (ids[: cfg.max_seq_len], mask[: cfg.max_seq_len])
-        for ids, mask in data.load_sequences(folder)
-    ]
-    longest = max(int(mask.sum()) for _, mask in sequences)
+    sequences = [s.cut(cfg.max_seq_len) for s in data.load_sequences(folder)]
+    if cfg.kl_weight and sequences[0].topk_ids is None:
+        raise ValueError(
+            f"--kl-weight {cfg.kl_weight}: the data in {folder} has no top-k soft targets; make "
+            "it with `dflare gen-data --responses labelled --top-k K`, or pass --kl-weight 0"
+        )
+    longest = max(int(s.loss_mask.sum()) for s in sequences)
     if cfg.block_size > longest:
         raise ValueError(
             f"--block-size {cfg.block_size} is bigger than every sequence's response (the longest "
             f"has {longest} tokens): lower --block-size or regenerate with a larger "
             "--max-new-tokens"
         )
-    sequences = [(ids, mask) for ids, mask in sequences if int(mask.sum()) >= 2]
+    sequences = [s for s in sequences if int(s.loss_mask.sum()) >= 2]
     held_out: list[list[int]] = []
     if cfg.eval_every > 0:
         if len(sequences) < 2 * cfg.eval_prompts:
@@ -188,7 +191,7 @@ def _prepare_data(cfg: TrainConfig, target, tokenizer):
                 f"--eval-every needs {cfg.eval_prompts} held-out sequences and as many for "
                 f"training, the data has {len(sequences)}: generate more or pass --eval-every 0"
             )
-        held_out = [ids[~mask].tolist() for ids, mask in sequences[-cfg.eval_prompts :]]
+        held_out = [s.prompt().tolist() for s in sequences[-cfg.eval_prompts :]]
         sequences = sequences[: -cfg.eval_prompts]
     return sequences, held_out
 
@@ -247,7 +250,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
         if not cfg.position_weighting
         else GammaSchedule.parse(cfg.gamma or str(default_gamma(cfg.block_size)))
     )
-    loss_fn = AlignmentLoss(cfg.focal_weight, cfg.chain_weight)
+    loss_fn = AlignmentLoss(cfg.focal_weight, cfg.chain_weight, cfg.kl_weight)
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_args.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -272,9 +275,10 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
             anchor_rng,
             dtype,
             context=None if cache is None else cache.context(target, batch, indices),
+            soft_targets=cfg.kl_weight > 0,
         )
         g = gamma.at(step, total)
-        terms = loss_fn(stats.ce, stats.correct, stats.valid, g, stats.in_vocab)
+        terms = loss_fn(stats.ce, stats.correct, stats.valid, g, stats.in_vocab, stats.kl)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -294,6 +298,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
             "position_ce": terms.position_ce,
             "first_error": terms.first_error,
             "chain": terms.chain,
+            "soft_target_kl": terms.soft_target_kl,
             "lr": scheduler.get_last_lr()[0],
             "gamma": g,
             "grad_norm": float(
