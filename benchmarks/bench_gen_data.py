@@ -5,8 +5,10 @@ as gen-data selects them), with the gen-data code itself:
 
 * ``regenerate``: the target samples responses to the first user turns (``--responses
   target``: batched HF ``generate``, left-padded, ``--max-new-tokens``); a label is a response
-  token. With ``--sglang`` also ``--backend sglang``: an SGLang server of the target (started
-  once, outside the timing; same thread count) given all prompts in one request.
+  token. With ``--sglang`` also ``--backend sglang``: an SGLang server of the target (same
+  thread count) given all prompts in one request, timed in a phase of its own after the others
+  (started outside the timing, and stopped before anything else runs: its idle scheduler
+  polls on a core).
 * ``labelled``: one prefill over the whole conversation (``--responses labelled``: every
   assistant turn, cut at ``--max-len``, right-padded batches, top-k log-probabilities kept); a
   label is an assistant-turn token (with the target's greedy token and top-k there), at each of
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import ExitStack
 
 import torch
 
@@ -89,19 +90,28 @@ def main() -> None:
     ways = {f"regenerate (HF generate, batch {args.batch_size})": regenerate}
     rates: dict[str, list[float]] = {}
     tokens: dict[str, int] = {}
-    with ExitStack() as stack, torch.inference_mode():
-        if args.sglang:
-            url = stack.enter_context(sglang_server("sglang", args.target, "cpu", args.dtype, 0))
-            ways["regenerate (SGLang server, one request)"] = lambda: sum(
-                map(len, sglang_responses(url, prompts, args.max_new_tokens, 0.7, stops))
-            )
-        for size in args.label_batch_sizes:
-            ways[f"labelled (prefill, batch {size})"] = labelled(size)
+    for size in args.label_batch_sizes:
+        ways[f"labelled (prefill, batch {size})"] = labelled(size)
+
+    def timed(phase: dict) -> None:
         for _ in range(args.repeats):
-            for name, run in ways.items():
+            for name, run in phase.items():
                 t0 = time.perf_counter()
                 tokens[name] = run()
                 rates.setdefault(name, []).append(tokens[name] / (time.perf_counter() - t0))
+
+    with torch.inference_mode():
+        timed(ways)
+    if args.sglang:
+        kv_tokens = len(prompts) * (max(map(len, prompts)) + args.max_new_tokens)
+        with sglang_server("sglang", args.target, "cpu", args.dtype, 0, kv_tokens) as url:
+            timed(
+                {
+                    "regenerate (SGLang server, one request)": lambda: sum(
+                        map(len, sglang_responses(url, prompts, args.max_new_tokens, 0.7, stops))
+                    )
+                }
+            )
     context = sum(len(ids) for ids, _ in conversations)
     print(
         f"{args.target} {args.dtype}, {torch.get_num_threads()} threads, {len(chosen)} "

@@ -167,8 +167,9 @@ def generate_data(cfg: GenDataConfig) -> Path:
     shards = [kept[i : i + cfg.shard_size] for i in range(0, len(kept), cfg.shard_size)]
     todo = [i for i in range(len(shards)) if not data.shard_path(out, i).is_file()]
     batch_size = cfg.batch_size or default_batch_size(cfg.responses, cfg.device)
+    kv_tokens = cfg.shard_size * (cfg.max_prompt_tokens + cfg.max_new_tokens)  # a shard at once
     server = (
-        sglang_server(cfg.backend, cfg.target, cfg.device, cfg.dtype, cfg.seed)
+        sglang_server(cfg.backend, cfg.target, cfg.device, cfg.dtype, cfg.seed, kv_tokens)
         if engine
         else nullcontext()
     )

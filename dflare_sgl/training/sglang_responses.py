@@ -26,9 +26,13 @@ REQUEST_TIMEOUT_S = 3600  # one shard of prompts per request
 
 
 @contextmanager
-def sglang_server(backend: str, target: str, device: str, dtype: str, seed: int):
+def sglang_server(
+    backend: str, target: str, device: str, dtype: str, seed: int, max_total_tokens: int
+):
     """Yields the base URL of the server ``backend`` names: ``"sglang"`` starts one for
-    ``target``, anything else is the URL of a running one (checked to answer)."""
+    ``target``, anything else is the URL of a running one (checked to answer).
+    ``max_total_tokens``: the KV pool a started CPU server gets (SGLang sizes it from the
+    machine's whole memory otherwise: 16 GB of 23 here); a GPU server sizes its own."""
     if backend != "sglang":
         url = backend.rstrip("/")
         try:
@@ -44,7 +48,7 @@ def sglang_server(backend: str, target: str, device: str, dtype: str, seed: int)
     args = ["--target", target, "--device", device, "--no-speculation", "--"]
     args += ["--dtype", dtype, "--random-seed", str(seed), "--log-level", "warning"]
     if device == "cpu":
-        args += ["--disable-cuda-graph"]
+        args += ["--disable-cuda-graph", "--max-total-tokens", str(max_total_tokens)]
     with tempfile.TemporaryDirectory() as folder:
         with ServerProcess(args, Path(folder) / "server.log") as url:
             yield url
