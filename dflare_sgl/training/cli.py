@@ -62,8 +62,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "gen-data",
         help="regenerate training data with the target (ShareGPT prompts)",
         description="Sample the target's own responses to ShareGPT first user turns (deduplicated, "
-        "evaluation prompts excluded) into JSONL shards with token ids and a loss mask. "
-        "Re-running the same command resumes after the last complete shard.",
+        "evaluation prompts excluded) into JSONL shards with token ids and a loss mask, or label "
+        "whole conversations with one target prefill (--responses labelled). Re-running the same "
+        "command resumes after the last complete shard.",
     )
     add_target_argument(gen)
     gen.add_argument(
