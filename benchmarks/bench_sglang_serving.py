@@ -1,15 +1,27 @@
 """Serving throughput of ``dflare serve`` (DFLARE) vs the same server without speculation,
 measured by SGLang's own ``python -m sglang.bench_serving``.
 
-    python benchmarks/bench_sglang_serving.py --device cpu --draft DRAFT_DIR
+    python benchmarks/bench_sglang_serving.py --device cpu \\
+        --drafts untrained bundled oracle:0.2 oracle:0.45 --modes adaptive fixed \\
+        --concurrency 1 4 8 16
 
-For each server (DFLARE, then the target alone) it starts ``dflare serve``, runs
-``sglang.bench_serving`` (random-ids prompts, fixed lengths) at each concurrency, and prints
-one markdown table: output tokens/s and SGLang's average accept length per setting. Every
-server runs in its own process group and is killed by its group id afterwards
-(:class:`dflare_sgl.sglang_plugin.server_process.ServerProcess`). Pin threads for
-stable numbers (the script passes ``OMP_NUM_THREADS`` through; ``dflare serve`` defaults it
-to 1 on CPU).
+Drafts: ``untrained`` (random weights, the bundled draft's shape), ``bundled`` (the package's
+draft for the target), a checkpoint folder, or ``oracle:P``: the test-only oracle worker
+(``python_tests/sglang_test_workers.py``) drafting the target's greedy continuation with each
+token wrong with probability P (accept length ~4 at 0.2 and ~2 at 0.45 for block 8), over the
+bundled draft's weights so that a step pays for a real draft pass. The oracle's continuations
+are recorded first, in an untimed pass over the same prompts (DFLARE is lossless, so they are
+the target's greedy ones). Modes: ``adaptive`` (the verify length chosen each step, the
+default), ``fixed`` (the whole block every step, ``--speculative-num-draft-tokens B``) or
+``fixed:N``.
+
+Every server runs in its own process group and is killed by its group id afterwards
+(:class:`dflare_sgl.sglang_plugin.server_process.ServerProcess`); ``dflare serve`` runs the
+CPU server with ``OMP_NUM_THREADS=1`` unless the variable is set. Prompts: SGLang's
+random-ids dataset, fixed lengths, seed 0, ``4 x concurrency`` prompts per cell, greedy,
+``ignore_eos``. Prints one markdown table: output tokens/s of each server per concurrency,
+the ratio to the plain server in the same run, SGLang's accept length, and the verify lengths
+DFLARE chose (``dflare_verify_lengths`` of ``/server_info``).
 """
 
 from __future__ import annotations
@@ -21,16 +33,26 @@ import sys
 import tempfile
 from pathlib import Path
 
+import requests
+import torch
 from tqdm import tqdm
 
+from dflare_sgl.bundled import default_draft
+from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
 from dflare_sgl.sglang_plugin.server_process import ServerProcess
 from dflare_sgl.target import resolve_target
 
+TESTS = Path(__file__).resolve().parents[1] / "python_tests"
 
-def _serve_args(args, speculative: bool) -> list[str]:
+
+def _serve_args(args, draft: str | None, mode: str) -> list[str]:
     serve = ["--device", args.device, "--target", args.target]
-    serve += ["--draft", args.draft] if speculative else ["--no-speculation"]
+    serve += ["--draft", draft] if draft else ["--no-speculation"]
     sglang = ["--dtype", args.dtype, "--disable-cuda-graph", "--decode-log-interval", "1"]
+    if draft and mode.startswith("fixed"):
+        config = DraftConfig.from_dict(json.loads((Path(draft) / "config.json").read_text()))
+        block = mode.partition(":")[2] or str(config.block_size)
+        sglang += ["--speculative-num-draft-tokens", block]
     return serve + ["--", *sglang]
 
 
@@ -46,37 +68,133 @@ def _bench(args, url: str, concurrency: int, out: Path) -> dict:
     return json.loads(out.read_text().splitlines()[-1])
 
 
+def _verify_lengths(url: str) -> dict | None:
+    state = requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]
+    return state.get("dflare_verify_lengths")
+
+
+def _worker_env(worker: str, **files: Path) -> dict[str, str]:
+    """The environment that makes the server run a test-only worker from python_tests."""
+    env = {"DFLARE_SGLANG_WORKER": f"sglang_test_workers:{worker}", "PYTHONPATH": str(TESTS)}
+    return env | {name: str(path) for name, path in files.items()}
+
+
+def _untrained(bundled: Path, out: Path) -> Path:
+    """A random-weight draft of the bundled draft's shape."""
+    config = DFlareDraftModel.from_pretrained(bundled).config
+    DFlareDraftModel(config, generator=torch.Generator().manual_seed(0)).save_pretrained(out)
+    return out
+
+
+def _record_continuations(args, draft: Path, work: Path) -> list[dict]:
+    """The target's greedy continuation of every benchmark prompt (untimed)."""
+    record = work / "continuations.jsonl"
+    env = _worker_env("ContinuationRecordingWorker", DFLARE_TEST_RECORD_OUTPUTS=record)
+    server_args = _serve_args(args, str(draft), "fixed:2")
+    with ServerProcess(server_args, work / "server_record.log", args.start_timeout, env) as url:
+        for c in tqdm(args.concurrency, desc="recording the oracle's continuations"):
+            _bench(args, url, c, work / f"record_{c}.jsonl")
+    entries = {}
+    for line in record.read_text().splitlines():
+        e = json.loads(line)
+        entries[tuple(e["prompt"])] = e
+    return list(entries.values())
+
+
+def _summary(lengths: dict | None) -> str:
+    if not lengths:
+        return "-"
+    steps = {int(n): c for n, c in lengths["steps_by_length"].items()}
+    total = sum(steps.values()) or 1
+    mean = sum(n * c for n, c in steps.items()) / total
+    top = sorted(steps.items(), key=lambda kv: -kv[1])[:3]
+    return f"mean {mean:.2f}; " + ", ".join(f"n={n} {100 * c / total:.0f}%" for n, c in top)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="smollm2-135m")
-    p.add_argument("--draft", required=True, help="DFlare draft checkpoint folder")
+    p.add_argument("--drafts", nargs="+", default=["untrained", "bundled"])
+    p.add_argument("--modes", nargs="+", default=["adaptive"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=48)
     p.add_argument("--prompts-per-slot", type=int, default=4)
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--bench-timeout", type=float, default=900)
+    p.add_argument("--json", type=Path, help="also write every cell (with /server_info's "
+                   "dflare_verify_lengths) to this file")
     args = p.parse_args()
-    args.target = str(resolve_target(args.target))
+    target_name, args.target = args.target, str(resolve_target(args.target))
     work = Path(tempfile.mkdtemp(prefix="bench_sglang_"))
-    rows = []
-    bar = tqdm(total=2 * len(args.concurrency), desc="bench_serving runs")
-    for name, speculative in (("DFLARE", True), ("none", False)):
-        server = ServerProcess(
-            _serve_args(args, speculative), work / f"server_{name}.log", args.start_timeout
-        )
-        with server as url:
+    bundled = default_draft(target_name)
+    untrained = _untrained(bundled, work / "untrained")
+
+    servers: list[tuple[str, str, str | None, dict]] = [("none", "-", None, {})]
+    entries = None
+    for name in args.drafts:
+        for mode in args.modes:
+            if name == "untrained":
+                servers.append((name, mode, str(untrained), {}))
+            elif name == "bundled":
+                servers.append((name, mode, str(bundled), {}))
+            elif name.startswith("oracle:"):
+                if entries is None:
+                    entries = _record_continuations(args, untrained, work)
+                spec = work / f"{name.replace(':', '_')}.json"
+                spec.write_text(json.dumps({"entries": entries, "error_rate": float(name[7:])}))
+                env = _worker_env("OracleDraftWorker", DFLARE_TEST_ORACLE=spec)
+                servers.append((name, mode, str(bundled), env))
+            else:
+                servers.append((name, mode, name, {}))
+
+    results = {}
+    bar = tqdm(total=len(servers) * len(args.concurrency), desc="bench_serving runs")
+    for i, (name, mode, draft, env) in enumerate(servers):
+        log = work / f"server_{i}.log"
+        with ServerProcess(_serve_args(args, draft, mode), log, args.start_timeout, env) as url:
             for c in args.concurrency:
-                r = _bench(args, url, c, work / f"{name}_{c}.jsonl")
-                rows.append((name, c, r["output_throughput"], r.get("accept_length")))
+                r = _bench(args, url, c, work / f"run_{i}_{c}.jsonl")
+                # The histogram is cumulative over the server's life: keep each cell's part.
+                lengths = _verify_lengths(url) if draft else None
+                results[(name, mode, c)] = (r["output_throughput"], r.get("accept_length"), lengths)
                 bar.update()
     bar.close()
-    print("| speculation | concurrency | output tok/s | accept length |")
-    print("| --- | --- | --- | --- |")
-    for name, c, tput, accept in rows:
-        print(f"| {name} | {c} | {tput:.1f} | {accept if accept is None else f'{accept:.2f}'} |")
+    if args.json:
+        cells = [
+            {"draft": k[0], "mode": k[1], "concurrency": k[2], "output_throughput": v[0],
+             "accept_length": v[1], "dflare_verify_lengths": v[2]}
+            for k, v in results.items()
+        ]  # fmt: skip
+        args.json.write_text(json.dumps(cells, indent=1))
+
+    print(f"threads: OMP_NUM_THREADS per server as `dflare serve` sets it; work dir {work}")
+    columns = ["draft", "mode", "concurrency", "output tok/s", "vs plain", "accept length"]
+    columns.append("verify lengths")
+    print("| " + " | ".join(columns) + " |\n" + "| --- " * len(columns) + "|")
+    for name, mode, draft, _ in servers:
+        previous = None
+        for c in args.concurrency:
+            tput, accept, lengths = results[(name, mode, c)]
+            cell = _difference(lengths, previous)
+            previous = lengths
+            plain = results[("none", "-", c)][0]
+            accept = "-" if accept is None else f"{accept:.2f}"
+            print(
+                f"| {name} | {mode} | {c} | {tput:.1f} | {tput / plain:.2f}x | {accept} | "
+                f"{_summary(cell)} |"
+            )
+
+
+def _difference(lengths: dict | None, previous: dict | None) -> dict | None:
+    """The steps of one cell: the server's histogram minus the previous cell's."""
+    if lengths is None or previous is None:
+        return lengths
+    before = previous["steps_by_length"]
+    steps = {n: c - before.get(n, 0) for n, c in lengths["steps_by_length"].items()}
+    return {**lengths, "steps_by_length": {n: c for n, c in steps.items() if c > 0}}
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ contexts) drafts less.
 
 Hysteresis and probes: the current ``n`` is kept unless another scores ``hysteresis`` better,
 so noise does not make it flap. Positions past the current ``n`` are never verified and so
-never learnt; every ``probe_interval`` steps one step verifies one token more than chosen (at
-``n = 1``: one drafted token), the interval doubling up to ``max_probe_interval`` while the
-probed draft is rejected and resetting when it is accepted. A useless draft so costs one cheap probe every
-~100 steps; a draft that has become good is noticed within a few probes.
+never learnt; every ``probe_interval`` steps one step verifies the next longer allowed length
+(one token more where every length is allowed; at ``n = 1``: one drafted token), the interval
+doubling up to ``max_probe_interval`` while the probed draft is rejected and resetting when
+it is accepted. A useless draft so costs one cheap probe every ~100 steps; a draft that has
+become good is noticed within a few probes.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ class AdaptiveVerifyLength:
         (:meth:`dflare_sgl.cost_model.CostModel.step_time`; only ratios matter until
         :meth:`observe_time` compares them with measured times).
       initial_rate: the batch-wide acceptance rate assumed before any step is seen.
+      lengths: the lengths it may choose, 1 and ``max_length`` among them (default: every
+        length; an SGLang server on a GPU offers a few tiers, each with its own graphs).
     """
 
     def __init__(
@@ -130,9 +133,13 @@ class AdaptiveVerifyLength:
         probe_interval: int = 8,
         max_probe_interval: int = 128,
         time_decay: float = 0.95,
+        lengths: Sequence[int] | None = None,
     ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.lengths = sorted(set(lengths or range(1, max_length + 1)))
+        if self.lengths[0] != 1 or self.lengths[-1] != max_length:
+            raise ValueError(f"the lengths must run from 1 to {max_length}, got {self.lengths}")
         self.max_length, self.cost = max_length, cost
         self.decay, self.batch_decay = decay, batch_decay
         self.prior_weight, self.initial_rate = prior_weight, initial_rate
@@ -149,12 +156,18 @@ class AdaptiveVerifyLength:
         self.time_ratio_sum = np.zeros(max_length)
         self.time_steps = np.zeros(max_length)
         self._since_probe = 0
-        self._probing = False
+        self._probe_length: int | None = None  # the length of the probe not yet observed
         self.begin(0)
 
     def begin(self, batch_size: int) -> None:
         self.accepted = np.zeros((batch_size, self.max_length - 1))
         self.verified = np.zeros((batch_size, self.max_length - 1))
+
+    def forget(self, requests: Sequence[int]) -> None:
+        """Clear the counts of ``requests``' rows (a server reuses a finished request's row)."""
+        rows = list(requests)
+        self.accepted[rows] = 0.0
+        self.verified[rows] = 0.0
 
     def batch_rates(self) -> np.ndarray:
         """Batch-wide acceptance rate of each position ``[B-1]``."""
@@ -171,10 +184,13 @@ class AdaptiveVerifyLength:
         return (self.accepted[rows] + w * self.batch_rates()) / (self.verified[rows] + w)
 
     def scores(self, requests: Sequence[int]) -> np.ndarray:
-        """Expected committed tokens per unit of step time for ``n = 1 .. B`` ``[B]``."""
+        """Expected committed tokens per unit of step time for ``n = 1 .. B`` ``[B]`` (0 for
+        a length it may not choose)."""
         b = len(requests)
         expected = expected_committed(self.rates(requests)).sum(axis=0)
-        costs = np.array([self.cost(n, b) for n in range(1, self.max_length + 1)])
+        costs = np.full(self.max_length, np.inf)
+        for n in self.lengths:
+            costs[n - 1] = self.cost(n, b)
         return expected / (costs * self.time_corrections())
 
     def time_corrections(self) -> np.ndarray:
@@ -210,16 +226,18 @@ class AdaptiveVerifyLength:
         self._since_probe += 1
         if current < self.max_length and self._since_probe >= self.probe_interval:
             self._since_probe = 0
-            self._probing = True
-            return current + 1
+            self._probe_length = self.lengths[self.lengths.index(current) + 1]
+            return self._probe_length
         return current
 
     def observe(self, requests: Sequence[int], n: int, accept_lens: Sequence[int]) -> None:
         """Record a step that verified ``n`` tokens: request ``requests[r]`` had its first
         ``accept_lens[r]`` drafts accepted (before any stop or budget cut)."""
         a = np.asarray(accept_lens, dtype=np.int64)[:, None]
-        if self._probing:  # the probed (deepest) draft was accepted somewhere: probe again soon
-            self._probing = False
+        # The probe's own step (a server reports steps late, after later choices): was its
+        # deepest draft accepted somewhere? Then probe again soon, else twice as late.
+        if n == self._probe_length:
+            self._probe_length = None
             found = bool((a >= n - 1).any())
             self.probe_interval = (
                 self.min_probe_interval

@@ -2,8 +2,13 @@
 
 * ``OracleDraftWorker`` drafts known-correct continuations (long acceptance):
   ``DFLARE_TEST_ORACLE`` names a JSON file ``{"entries": [{"prompt": [ids], "continuation":
-  [ids]}], "corrupt_every": k}``; one draft token is corrupted in every k-th block (k=0:
-  never) so that blocks also end in a rejection.
+  [ids]}], "corrupt_every": k, "error_rate": p}``; one draft token is corrupted in every k-th
+  block (k=0: never) so that blocks also end in a rejection, and each continuation position
+  is wrong with probability p (drawn once per entry from a fixed seed, so runs repeat; with
+  block B the accept length approaches ``sum_{j<B} (1-p)**j``, as ``oracle_draft.py``'s).
+* ``ContinuationRecordingWorker`` leaves the drafts alone and appends each finished
+  request's ``{"prompt", "continuation"}`` to ``DFLARE_TEST_RECORD_OUTPUTS`` (JSONL): the
+  oracle's entries for prompts it did not choose (a benchmark's).
 * ``DraftRecordingWorker`` leaves the drafts alone and records them (``DFLARE_TEST_RECORD``),
   and every tensor-parallel sync call of the verify step (``DFLARE_TEST_SYNC_RECORD``, if set).
 
@@ -34,9 +39,15 @@ class OracleDraftWorker(_BatchAwareWorker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         spec = json.loads(Path(os.environ["DFLARE_TEST_ORACLE"]).read_text())
-        self._sequences = {
-            tuple(e["prompt"]): e["prompt"] + e["continuation"] for e in spec["entries"]
-        }
+        vocab = self.model_config.vocab_size
+        error_rate = float(spec.get("error_rate", 0.0))
+        g = torch.Generator().manual_seed(0)
+        self._sequences = {}
+        for e in spec["entries"]:
+            truth = torch.tensor(e["continuation"], dtype=torch.int64)
+            wrong = torch.rand(truth.shape, generator=g) < error_rate
+            drafts = torch.where(wrong, (truth + 1) % vocab, truth).tolist()
+            self._sequences[tuple(e["prompt"])] = e["prompt"] + drafts
         self._corrupt_every = int(spec.get("corrupt_every", 0))
 
     def _greedy_sample_from_vocab_parallel_head(self, *, hidden_states, lm_head, **kwargs):
@@ -99,3 +110,23 @@ class DraftRecordingWorker(_BatchAwareWorker):
                 record = {"prompt": list(req.origin_input_ids), "prefix": prefix}
                 f.write(json.dumps({**record, "block": [x_last, *row]}) + "\n")
         return drafted
+
+
+class ContinuationRecordingWorker(_BatchAwareWorker):
+    """Records every finished request's prompt and output ids (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._running = {}
+
+    def forward_batch_generation(self, batch, *args, **kwargs):
+        self._running.update((req.rid, req) for req in batch.reqs)
+        return super().forward_batch_generation(batch, *args, **kwargs)
+
+    def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
+        super().note_request_finished(rid=rid, natural_stop=natural_stop)
+        req = self._running.pop(rid, None)
+        if req is not None:
+            record = {"prompt": list(req.origin_input_ids), "continuation": list(req.output_ids)}
+            with open(os.environ["DFLARE_TEST_RECORD_OUTPUTS"], "a") as f:
+                f.write(json.dumps(record) + "\n")

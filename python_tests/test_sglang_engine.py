@@ -1,8 +1,10 @@
 """DFLARE inside a real SGLang 0.5.23 Engine on CPU (no mock of SGLang).
 
-Three engines, each started once for the module: SmolLM2-135M-Instruct without
-speculation (the reference), with DFLARE and a random-weight DFlare draft, and with DFLARE
-and a test-only worker that drafts known-correct continuations (long acceptance). All run
+Engines, each started once for the module: SmolLM2-135M-Instruct without speculation (the
+reference); with DFLARE and a random-weight DFlare draft, verifying a fixed block
+(``--speculative-num-draft-tokens``) or choosing the verify length each step (the default);
+and with DFLARE and a test-only worker that drafts known-correct continuations (long
+acceptance). All run
 in float32, so greedy equality is exact: no bf16 logit ties to break differently between
 the verify GEMM (M = B rows per request) and the decode GEMM (M = 1). Every engine has the
 radix cache on and chunked prefill at 32 tokens, and runs SGLang's strict idle memory
@@ -127,7 +129,7 @@ def dflare_random(smollm2_dir, tokenizer, workdir):
     return run_engine(
         workdir,
         "dflare_random",
-        engine_kwargs(smollm2_dir, draft),
+        engine_kwargs(smollm2_dir, draft, speculative_num_draft_tokens=4),
         jobs,
         DFLARE_SGLANG_WORKER="sglang_test_workers:DraftRecordingWorker",
         DFLARE_TEST_RECORD=str(workdir / "drafts.jsonl"),
@@ -144,7 +146,8 @@ def dfly_random(smollm2_target, smollm2_dir, tokenizer, workdir):
     return run_engine(
         workdir,
         "dfly_random",
-        engine_kwargs(smollm2_dir, draft, log_level="info"),  # info: the start-up rehearsal
+        # info: the start-up rehearsal
+        engine_kwargs(smollm2_dir, draft, log_level="info", speculative_num_draft_tokens=4),
         _greedy_jobs(tokenizer) + [{"kind": "server_info"}],
         DFLARE_SGLANG_WORKER="sglang_test_workers:DraftRecordingWorker",
         DFLARE_TEST_RECORD=str(workdir / "dfly_drafts.jsonl"),
@@ -165,7 +168,7 @@ def _served_after_update(smollm2_target, smollm2_dir, tokenizer, workdir, fusion
     update, _ = run_engine(
         workdir,
         f"{fusion}_updated",
-        engine_kwargs(smollm2_dir, start),
+        engine_kwargs(smollm2_dir, start, speculative_num_draft_tokens=4),
         jobs,
         DFLARE_SGLANG_WORKER="sglang_test_workers:DraftRecordingWorker",
         DFLARE_TEST_RECORD=str(workdir / f"{fusion}_updated_drafts.jsonl"),
@@ -207,10 +210,24 @@ def dflare_oracle(smollm2_dir, tokenizer, workdir, reference):
     return run_engine(
         workdir,
         "dflare_oracle",
-        engine_kwargs(smollm2_dir, draft),
+        engine_kwargs(smollm2_dir, draft, speculative_num_draft_tokens=8),
         jobs,
         DFLARE_SGLANG_WORKER="sglang_test_workers:OracleDraftWorker",
         DFLARE_TEST_ORACLE=str(oracle),
+    )
+
+
+@pytest.fixture(scope="module")
+def dflare_adaptive(smollm2_dir, tokenizer, workdir):
+    """DFLARE choosing each decode step's verify length (no --speculative-num-draft-tokens)
+    with a random-weight block-8 draft: nothing is accepted, every request takes MAX_NEW - 1
+    decode steps, so each batch-size bucket's first steps try every length 8 .. 1."""
+    draft = _write_draft(smollm2_dir, workdir / "draft_b8_adaptive", block_size=8, seed=3)
+    return run_engine(
+        workdir,
+        "dflare_adaptive",
+        engine_kwargs(smollm2_dir, draft),
+        _greedy_jobs(tokenizer) + [{"kind": "server_info"}],
     )
 
 
@@ -316,6 +333,25 @@ def test_accept_length_in_server_info(dflare_random):
     info = dflare_random[2]
     assert info["speculative_algorithm"] == "DFLARE"
     assert info["avg_spec_accept_length"] >= 1.0
+    lengths = info["dflare_verify_lengths"]  # fixed by the flag: every step verifies 4
+    assert not lengths["adaptive"] and lengths["lengths"] == [4]
+    assert lengths["steps_by_length"] == {"4": lengths["decode_steps"]}
+    assert lengths["decode_steps"] > 0
+
+
+def test_adaptive_verify_length_is_lossless(reference, dflare_adaptive):
+    """Ragged prompts in one batch while the verify length changes step to step, down to
+    plain one-token steps (no draft pass): the target's greedy output, token for token."""
+    assert _tokens(dflare_adaptive[0]) == _tokens(reference[0])
+    assert _tokens(dflare_adaptive[1]) == _tokens(reference[1])
+    lengths = dflare_adaptive[2]["dflare_verify_lengths"]
+    assert lengths["adaptive"] and lengths["lengths"] == list(range(1, 9))
+    chosen = {int(n): count for n, count in lengths["steps_by_length"].items()}
+    assert sum(chosen.values()) == lengths["decode_steps"] >= MAX_NEW - 1
+    assert set(chosen) == set(range(1, 9)), chosen  # the first steps tried every length
+    # Measured step times per batch-size bucket, and no draft position was ever accepted.
+    assert all(len(row) >= 1 for row in lengths["step_ms"].values())
+    assert max(lengths["acceptance_by_position"]) < 0.5
 
 
 def test_churn_with_aborts_leaks_nothing(reference, dflare_random):

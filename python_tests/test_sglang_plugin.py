@@ -282,3 +282,47 @@ def test_gpu_server_args_resolve_as_dflash_does(sglang_cpu, smollm2_dir, tmp_pat
     differing = {f for f in resolved["DFLASH"] if resolved["DFLASH"][f] != resolved["DFLARE"][f]}
     assert differing == {"speculative_algorithm", "speculative_draft_model_path"}
     assert resolved["DFLARE"]["speculative_draft_attention_backend"] != "None"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_verify_block_attention_matches_torch_native(sglang_cpu, causal):
+    """cpu_compat's TARGET_VERIFY attention (each request's new rows against its keys) gives
+    torch_native's own extend attention (queries padded to every position, last rows kept)
+    on ragged prefixes, grouped-query heads, 1- and 4-row blocks; outside TARGET_VERIFY it
+    hands the call to torch_native."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    reference = TorchNativeAttnBackend._run_sdpa_forward_extend
+    reference = getattr(reference, "__wrapped__", reference)  # the method before any hook
+    backend = object.__new__(TorchNativeAttnBackend)
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, slots = 6, 2, 16, 64
+    k_cache = torch.randn(slots, kv_heads, dim, generator=g)
+    v_cache = torch.randn(slots, kv_heads, dim, generator=g)
+    req_to_token = torch.randperm(slots, generator=g)[:48].view(3, 16)
+    for new in (1, 4):
+        prefixes = torch.tensor([3, 9, 0])
+        lens = torch.full((3,), new)
+        query = torch.randn(3 * new, heads, dim, generator=g)
+        args = (k_cache, v_cache, req_to_token, torch.tensor([2, 0, 1]), prefixes + new)
+        args += (prefixes, lens, None)
+        kwargs = dict(scaling=0.3, enable_gqa=True, causal=causal)
+        expected = reference(backend, query, torch.empty_like(query), *args, **kwargs)
+        calls = []
+
+        def original(*a, **kw):
+            calls.append(a)
+            return reference(*a, **kw)
+
+        token = cpu_compat._IN_TARGET_VERIFY.set(True)
+        try:
+            got = cpu_compat._block_attention(
+                original, backend, query, torch.empty_like(query), *args, **kwargs
+            )
+        finally:
+            cpu_compat._IN_TARGET_VERIFY.reset(token)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert not calls
+        out = torch.empty_like(query)
+        cpu_compat._block_attention(original, backend, query, out, *args, **kwargs)
+        assert len(calls) == 1  # not in TARGET_VERIFY: torch_native's own

@@ -1,30 +1,21 @@
 """``dflare serve --device cpu``: SGLang's HTTP server with DFLARE answers its endpoints.
 
-The server runs in its own process group under a hard timeout and is killed by pid.
+The server runs in its own process group (``ServerProcess``), started under a hard timeout
+and killed by its group id.
 """
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 import requests
 import torch
-from sglang_support import driver_env, kill_group
+from sglang_support import driver_env
 from transformers import AutoConfig
 
 from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
+from dflare_sgl.sglang_plugin.server_process import ServerProcess
 
 START_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,34 +27,12 @@ def server(smollm2_dir, tmp_path_factory):
     DFlareDraftModel(config, generator=torch.Generator().manual_seed(0)).save_pretrained(
         folder / "draft"
     )
-    port = _free_port()
-    cmd = [sys.executable, "-m", "dflare_sgl.cli", "serve", "--device", "cpu"]
-    cmd += ["--target", str(smollm2_dir), "--draft", str(folder / "draft"), "--port", str(port)]
-    cmd += ["--", "--dtype", "float32", "--mem-fraction-static", "0.3"]
+    args = ["--device", "cpu", "--target", str(smollm2_dir), "--draft", str(folder / "draft")]
+    args += ["--", "--dtype", "float32", "--mem-fraction-static", "0.3"]
     # SGLang folds accept lengths into /server_info every decode-log interval.
-    cmd += ["--max-total-tokens", "4096", "--disable-cuda-graph", "--decode-log-interval", "1"]
-    with open(folder / "server.log", "w") as log:  # the server keeps its own descriptor
-        proc = subprocess.Popen(
-            cmd, env=driver_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"server did not start (rc={proc.poll()}):\n"
-                    + (folder / "server.log").read_text()[-4000:]
-                )
-            try:
-                if requests.get(f"{url}/health_generate", timeout=30).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(2)
+    args += ["--max-total-tokens", "4096", "--disable-cuda-graph", "--decode-log-interval", "1"]
+    with ServerProcess(args, folder / "server.log", START_TIMEOUT_S, env=driver_env()) as url:
         yield url
-    finally:
-        kill_group(proc)
 
 
 def test_generate(server):
@@ -102,7 +71,12 @@ def test_server_info_reports_accept_length(server):
     ).raise_for_status()
     info = requests.get(f"{server}/server_info", timeout=60).json()
     assert info["speculative_algorithm"] == "DFLARE"
-    assert info["internal_states"][0]["avg_spec_accept_length"] >= 1.0
+    state = info["internal_states"][0]
+    assert state["avg_spec_accept_length"] >= 1.0
+    # dflare serve leaves the verify length to the policy; /server_info shows its choices.
+    lengths = state["dflare_verify_lengths"]
+    assert lengths["adaptive"] and lengths["decode_steps"] >= 1
+    assert sum(lengths["steps_by_length"].values()) == lengths["decode_steps"]
 
 
 def test_min_p_request_is_refused(server):

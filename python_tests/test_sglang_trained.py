@@ -37,7 +37,8 @@ def trained(tmp_path_factory, smollm2_dir):
 def test_trained_draft_is_accepted_and_lossless(trained, tmp_path):
     target, draft, prompts = trained
     jobs = [{"kind": "generate", "input_ids": prompts, "sampling_params": GREEDY}]
-    tiny = {"max_total_tokens": 4096, "context_length": 1024}
+    # Every step verifies the whole block (fixed), so the accept length measures the draft.
+    tiny = {"max_total_tokens": 4096, "context_length": 1024, "speculative_num_draft_tokens": 4}
     reference = run_engine(tmp_path, "tiny_reference", engine_kwargs(target, **tiny), jobs)
     dflare = run_engine(tmp_path, "tiny_dflare", engine_kwargs(target, draft, **tiny), jobs)
     assert [o["output_ids"] for o in dflare[0]] == [o["output_ids"] for o in reference[0]]

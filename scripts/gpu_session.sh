@@ -19,6 +19,11 @@
 # go to $OUT (default .gpu/out). Sizes are env vars (PROMPTS, STEPS, BENCH_LIMIT, ...,
 # below).
 # DEVICE=cpu runs the device phases here, on tiny sizes, to check the plumbing.
+# Not here: the SGLang worker on a GPU (its verify lengths included). The device machine has
+# no SGLang and no network, and SGLang with sgl_kernel does not fit the 64 MiB a call carries;
+# on a GPU host with the Dockerfile's image, run benchmarks/bench_sglang_serving.py --device
+# cuda --modes adaptive fixed (every step verifies B there until per-length attention
+# backends and graphs are built, see sglang_plugin/worker.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 phase=${1:?usage: gpu_session.sh payload|ops|e2e|train}

@@ -41,6 +41,12 @@ def register() -> None:
         spec.refuse_unsupported_request,
         HookType.AFTER,
     )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.internal_state."
+        "SchedulerInternalStateController._add_speculative",
+        spec.report_verify_lengths,
+        HookType.AFTER,
+    )
 
     SpeculativeAlgorithm.register(spec.NAME, supports_overlap=True, spec_class=spec.DFlareSpecAlgo)(
         worker_class

@@ -31,9 +31,16 @@ class ServerProcess:
     ``serve_args``: the arguments of ``dflare serve`` after the verb, without ``--port``
     (e.g. ``["--target", T, "--device", "cpu", "--no-speculation", "--", "--dtype",
     "float32"]``); ``log``: the file that receives the server's output, quoted when it fails to
-    start within ``start_timeout_s``."""
+    start within ``start_timeout_s``; ``env``: variables added to this process's environment
+    for the server."""
 
-    def __init__(self, serve_args: list[str], log: Path, start_timeout_s: float = 600) -> None:
+    def __init__(
+        self,
+        serve_args: list[str],
+        log: Path,
+        start_timeout_s: float = 600,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = list(serve_args)
@@ -41,12 +48,13 @@ class ServerProcess:
         args[cut:cut] = ["--port", str(self.port)]
         self.cmd = [sys.executable, "-m", "dflare_sgl.cli", "serve", *args]
         self.log, self.start_timeout_s = Path(log), start_timeout_s
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
         with self.log.open("w") as out:  # the server keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
-                self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
             )
         deadline = time.monotonic() + self.start_timeout_s
         try:

@@ -186,3 +186,14 @@ def refuse_unsupported_request(error: str | None, req, enable_overlap: bool) -> 
     if error is None and get_spec().speculative_algorithm == NAME and req.sampling_params.min_p > 0:
         return "DFLARE does not support min_p sampling: drop min_p from the request"
     return error
+
+
+def report_verify_lengths(result, controller, state: dict) -> None:
+    """AFTER hook on the scheduler's ``/server_info`` speculative section (which returns
+    nothing): DFLARE adds ``dflare_verify_lengths``, the verify lengths its decode steps chose,
+    their measured costs and the acceptance by draft position
+    (:meth:`.adaptive_length.ServerVerifyLength.report`)."""
+    worker = getattr(controller.scheduler, "draft_worker", None)
+    lengths = getattr(worker, "verify_lengths", None)
+    if lengths is not None:
+        state["dflare_verify_lengths"] = lengths.report()

@@ -17,19 +17,34 @@ request, like DFLASH); verification only decides how many of them become committ
 (``commit_lens``), and the scheduler frees the rest. Draft K/V rows of rejected positions
 are sent to the pool's padding slot 0 (the slot SGLang reserves for dummy writes), so no
 slot outside the committed prefix is written.
+
+Verify length: the scheduler reserves B = ``speculative_num_draft_tokens`` slots per request
+and step; unless ``--speculative-num-draft-tokens`` fixed it, each decode step verifies only
+the first n of them, n chosen by :mod:`.adaptive_length` (1 = plain decoding: the draft pass
+is skipped, the target runs one token, the draft's context K/V is still written). A step at
+n runs the parent's loop with the block-shaped state (block size, position offsets, buffers,
+the draft's spec info) swapped for n's. Where SGLang's attention backends keep the width
+they were built with (its GPU backends, with their CUDA graphs) every step verifies B for now.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from types import SimpleNamespace
 
 import torch
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
+from sglang.srt.speculative.draft_worker_common import (
+    build_block_pos_offsets,
+    make_draft_block_spec_info,
+)
 from sglang.srt.speculative.spec_tp_sync import SpecTpSyncSite
 
 from dflare_sgl._ext import require_gpu_kernels
 from dflare_sgl.draft_checkpoint import check_exported_embedding
 from dflare_sgl.layer_mix import layer_mix_kv
+from dflare_sgl.sglang_plugin.adaptive_length import ServerVerifyLength
 from dflare_sgl.verify import verify_block
 
 logger = logging.getLogger(__name__)
@@ -40,6 +55,42 @@ PADDING_SLOT = 0
 PREFILL_TILE_TOKENS = 2048
 # sglang normalises temperature 0 to (temperature 1, top_k 1): greedy.
 _GREEDY_TOP_K = 1
+# What DFlashWorkerV2 shapes by the block: swapped per verify length.
+_BLOCK_SHAPED = (
+    "block_size",
+    "speculative_num_draft_tokens",
+    "_block_pos_offsets",
+    "_draft_block_spec_info",
+    "_draft_block_ids_buf",
+    "_draft_block_positions_buf",
+    "_draft_block_tokens_buf",
+    "_draft_verify_out_cache_loc_buf",
+    "_draft_block_end_buf",
+    "_draft_seq_lens_cpu_buf",
+)
+
+
+class _SkippedDraftPass:
+    """The draft model runner during a step that verifies one token: nothing is drafted, so
+    its ``forward`` runs no layer and hands the parent loop the one anchor row per request it
+    slices off; everything else (KV pool, index translator) is the real runner's."""
+
+    def __init__(self, runner, hidden_size: int, dtype: torch.dtype) -> None:
+        self._runner, self._hidden_size, self._dtype = runner, hidden_size, dtype
+
+    def forward(self, forward_batch):
+        rows = torch.zeros(
+            forward_batch.batch_size,
+            self._hidden_size,
+            dtype=self._dtype,
+            device=forward_batch.input_ids.device,
+        )
+        return SimpleNamespace(
+            logits_output=SimpleNamespace(hidden_states=rows), can_run_graph=False
+        )
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
 
 
 class DFlareWorker(DFlashWorkerV2):
@@ -60,6 +111,40 @@ class DFlareWorker(DFlashWorkerV2):
         # Fresh Philox keys per verify step for requests without a sampling seed.
         self._seed_generator = torch.Generator(device=self.device)
         self._seed_generator.manual_seed(int(server_args.random_seed or 0))
+        # Built at the first forward, when the attention backends it checks exist.
+        self.verify_lengths: ServerVerifyLength | None = None
+        self._length_fixed_by_flag = server_args.speculative_num_draft_tokens is not None
+        self._length_state: dict[int, dict] = {}
+
+    def _adaptive_lengths(self) -> list[int] | None:
+        """The lengths the policy may choose (any of 1 .. B), or None where every step verifies
+        B: fixed by ``--speculative-num-draft-tokens`` (SGLang's startup record keeps the flag
+        as given, None when absent), or where another length is not known to work yet."""
+        from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+        from sglang.srt.runtime_context import get_parallel
+
+        block = int(self.block_size)
+        if self._length_fixed_by_flag:
+            return None
+        reason = None
+        if get_parallel().tp_size > 1 or get_parallel().attn_dp_enabled:
+            # Every rank would need the same length each step; the choice is not broadcast yet.
+            reason = "under tensor / attention-data parallelism"
+        elif torch.device(self.device).type != "cpu":
+            # SGLang's GPU attention backends and CUDA graphs keep the block width they were
+            # built with; per-width ones (as its EAGLE adaptive mode builds per tier) are not
+            # built here yet.
+            reason = "on GPUs (per-length attention backends and graphs are not built yet)"
+        elif not all(
+            isinstance(getattr(r, "attn_backend", None), TorchNativeAttnBackend)
+            for r in (self.model_runner, self.draft_model_runner)
+        ):
+            # torch_native reads each batch's block width; others keep the one they started with.
+            reason = "with an attention backend other than torch_native"
+        if reason is None:
+            return list(range(1, block + 1))
+        logger.warning("DFLARE verifies %d tokens every step %s", block, reason)
+        return None
 
     def _bind_dfly_target(self) -> None:
         """Give a DFly draft the target's real-vocabulary ``lm_head`` rows and embedding,
@@ -135,6 +220,65 @@ class DFlareWorker(DFlashWorkerV2):
             sampling_input_bytes=max(result.sampling_input_bytes, logits.nbytes),
             sampling_headroom_bytes=max(result.sampling_headroom_bytes, peak),
         )
+
+    # --- the verify length of each decode step ---------------------------------------------
+
+    def forward_batch_generation(self, batch, *args, **kwargs):
+        mode = batch.forward_mode
+        decode = not (mode.is_extend() or batch.is_extend_in_batch or mode.is_idle())
+        if self.verify_lengths is None:
+            self.verify_lengths = ServerVerifyLength(
+                int(self.block_size), self._adaptive_lengths(), capacity=64
+            )
+        if not decode:
+            self.verify_lengths.other_forward()
+            return super().forward_batch_generation(batch, *args, **kwargs)
+        n = self.verify_lengths.begin_decode([req.rid for req in batch.reqs])
+        with self._verifying(n, batch):
+            return super().forward_batch_generation(batch, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _verifying(self, n: int, batch):
+        """Run the parent's decode step as if the block were ``n`` tokens long."""
+        block = int(self.block_size)
+        if n == block:
+            yield
+            return
+        full = {name: getattr(self, name) for name in _BLOCK_SHAPED}
+        state = self._length_state.get(n)
+        if state is None:  # the buffers are allocated by the parent at its first step
+            state = dict.fromkeys(_BLOCK_SHAPED)
+            state.update(
+                block_size=n,
+                speculative_num_draft_tokens=n,
+                _block_pos_offsets=build_block_pos_offsets(length=n, device=self.device),
+                _draft_block_spec_info=make_draft_block_spec_info(
+                    draft_token_num=n, device=self.device
+                ),
+            )
+        runner, graphs = self.draft_model_runner, batch.can_run_decode_cuda_graph
+        self.__dict__.update(state)
+        self.draft_model.set_block_size(n)
+        batch.can_run_decode_cuda_graph = False  # graphs (CPU graph runner) are captured for B
+        if n == 1:
+            hidden = int(self.draft_model.config.hidden_size)
+            self.draft_model_runner = _SkippedDraftPass(runner, hidden, runner.dtype)
+        try:
+            yield
+        finally:
+            # The buffers the parent (re)allocated at this length are kept for its next step.
+            self._length_state[n] = {name: getattr(self, name) for name in _BLOCK_SHAPED}
+            self.__dict__.update(full)
+            self.draft_model.set_block_size(block)
+            self.draft_model_runner, batch.can_run_decode_cuda_graph = runner, graphs
+
+    def on_verify_complete_cpu(self, num_correct_drafts_per_req, batch_size: int = 0) -> None:
+        if self.verify_lengths is not None:
+            self.verify_lengths.verified(num_correct_drafts_per_req, batch_size)
+
+    def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
+        if self.verify_lengths is not None:
+            self.verify_lengths.finished(rid)
 
     # --- draft context K/V -----------------------------------------------------------------
 
