@@ -118,7 +118,7 @@ class AdaptiveVerifyLength:
         :meth:`observe_time` compares them with measured times).
       initial_rate: the batch-wide acceptance rate assumed before any step is seen.
       lengths: the lengths it may choose, 1 and ``max_length`` among them (default: every
-        length; an SGLang server on a GPU offers a few tiers, each with its own graphs).
+        length; a subset is for tiers with graphs of their own, which no caller builds yet).
     """
 
     def __init__(
@@ -168,6 +168,12 @@ class AdaptiveVerifyLength:
         rows = list(requests)
         self.accepted[rows] = 0.0
         self.verified[rows] = 0.0
+
+    def grow(self, rows: int) -> None:
+        """Add ``rows`` empty rows of counts (a server running more requests than it has rows)."""
+        empty = np.zeros((rows, self.max_length - 1))
+        self.accepted = np.concatenate([self.accepted, empty])
+        self.verified = np.concatenate([self.verified, empty])
 
     def batch_rates(self) -> np.ndarray:
         """Batch-wide acceptance rate of each position ``[B-1]``."""

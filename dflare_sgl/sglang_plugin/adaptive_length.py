@@ -90,8 +90,8 @@ class ServerVerifyLength:
 
     Args:
       max_length: the block the scheduler reserves per request (``B``).
-      lengths: the lengths it may choose (1 .. B on CPU, a few tiers on GPU); ``None``: fixed
-        at ``max_length``.
+      lengths: the lengths it may choose (the worker passes 1 .. B); ``None``: fixed at
+        ``max_length``.
       capacity: rows of acceptance counts to start with (doubled when more requests run).
       clock: seconds, monotonic (tests pass their own).
     """
@@ -112,13 +112,18 @@ class ServerVerifyLength:
             max_length, self.costs.step_ms, lengths=lengths if self.adaptive else None
         )
         self.policy.begin(capacity)
-        self.capacity, self.clock = capacity, clock
+        self.clock = clock
         self.chosen: Counter[int] = Counter()
         self._rows: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self._explored: Counter[int] = Counter()  # exploration steps taken per bucket
         self._last_step: tuple[int, int, float] | None = None  # (n, batch size, start)
         self._reports: deque[tuple[list[str], int]] = deque()  # decided, not yet reported
+
+    @property
+    def capacity(self) -> int:
+        """Rows of acceptance counts the policy holds."""
+        return len(self.policy.accepted)
 
     # --- the worker's calls ----------------------------------------------------------------
 
@@ -190,12 +195,10 @@ class ServerVerifyLength:
             alive = set(running)
             for stale in [r for r in self._rows if r not in alive]:
                 self.finished(stale)
-        if not self._free:  # more requests running than rows
-            policy, grown = self.policy, self.capacity
-            policy.accepted = np.concatenate([policy.accepted, np.zeros_like(policy.accepted)])
-            policy.verified = np.concatenate([policy.verified, np.zeros_like(policy.verified)])
-            self._free = list(range(2 * grown - 1, grown - 1, -1))
-            self.capacity = 2 * grown
+        if not self._free:  # more requests running than rows: double them
+            rows = self.capacity
+            self.policy.grow(rows)
+            self._free = list(range(2 * rows - 1, rows - 1, -1))
         row = self._free.pop()
         self._rows[rid] = row
         self.policy.forget([row])
