@@ -20,7 +20,8 @@ Every server runs in its own process group and is killed by its group id afterwa
 CPU server with ``OMP_NUM_THREADS=1`` unless the variable is set. Prompts: SGLang's
 random-ids dataset, fixed lengths, seed 0, ``4 x concurrency`` prompts per cell, greedy,
 ``ignore_eos``. Prints one markdown table: output tokens/s of each server per concurrency,
-the ratio to the plain server in the same run, SGLang's accept length, and the verify lengths
+the ratio to the plain server of the same round (median over ``--repeats`` rounds, each of
+which restarts every server), SGLang's accept length, and the verify lengths
 DFLARE chose (``dflare_verify_lengths`` of ``/server_info``).
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,6 +124,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=48)
     p.add_argument("--prompts-per-slot", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=1, help="rounds over every server")
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--bench-timeout", type=float, default=900)
     p.add_argument("--json", type=Path, help="also write every cell (with /server_info's "
@@ -150,42 +153,66 @@ def main() -> None:
             else:
                 servers.append((name, mode, name, {}))
 
-    results = {}
-    bar = tqdm(total=len(servers) * len(args.concurrency), desc="bench_serving runs")
-    for i, (name, mode, draft, env) in enumerate(servers):
-        log = work / f"server_{i}.log"
-        with ServerProcess(_serve_args(args, draft, mode), log, args.start_timeout, env) as url:
-            for c in args.concurrency:
-                r = _bench(args, url, c, work / f"run_{i}_{c}.jsonl")
-                # The histogram is cumulative over the server's life: keep each cell's part.
-                lengths = _verify_lengths(url) if draft else None
-                results[(name, mode, c)] = (r["output_throughput"], r.get("accept_length"), lengths)
-                bar.update()
+    # Each round runs every server (in reverse order every other round, so drift over the run
+    # falls on both sides); a cell's ratio is the median over rounds of its ratio to the plain
+    # server of the same round.
+    results: dict[tuple, list[tuple]] = {}
+    bar = tqdm(total=args.repeats * len(servers) * len(args.concurrency), desc="bench_serving runs")
+    for r in range(args.repeats):
+        order = list(enumerate(servers))
+        for i, (name, mode, draft, env) in order[:: -1 if r % 2 else 1]:
+            log = work / f"server_{r}_{i}.log"
+            with ServerProcess(_serve_args(args, draft, mode), log, args.start_timeout, env) as url:
+                previous = None
+                for c in args.concurrency:
+                    out = _bench(args, url, c, work / f"run_{r}_{i}_{c}.jsonl")
+                    # The histogram is cumulative over the server's life: keep the cell's part.
+                    lengths = _verify_lengths(url) if draft else None
+                    cell = _difference(lengths, previous)
+                    previous = lengths
+                    results.setdefault((name, mode, c), []).append(
+                        (out["output_throughput"], out.get("accept_length"), cell)
+                    )
+                    bar.update()
     bar.close()
     if args.json:
         cells = [
-            {"draft": k[0], "mode": k[1], "concurrency": k[2], "output_throughput": v[0],
-             "accept_length": v[1], "dflare_verify_lengths": v[2]}
-            for k, v in results.items()
+            {"draft": k[0], "mode": k[1], "concurrency": k[2],
+             "rounds": [{"output_throughput": t, "accept_length": a, "dflare_verify_lengths": v}
+                        for t, a, v in rounds]}
+            for k, rounds in results.items()
         ]  # fmt: skip
         args.json.write_text(json.dumps(cells, indent=1))
 
     print(f"threads: OMP_NUM_THREADS per server as `dflare serve` sets it; work dir {work}")
+    print(f"{args.repeats} round(s); vs plain: median over rounds (range)")
     columns = ["draft", "mode", "concurrency", "output tok/s", "vs plain", "accept length"]
     columns.append("verify lengths")
     print("| " + " | ".join(columns) + " |\n" + "| --- " * len(columns) + "|")
     for name, mode, draft, _ in servers:
-        previous = None
         for c in args.concurrency:
-            tput, accept, lengths = results[(name, mode, c)]
-            cell = _difference(lengths, previous)
-            previous = lengths
-            plain = results[("none", "-", c)][0]
-            accept = "-" if accept is None else f"{accept:.2f}"
+            rounds = results[(name, mode, c)]
+            plain = [t for t, _, _ in results[("none", "-", c)]]
+            ratios = [t / p for (t, _, _), p in zip(rounds, plain)]
+            accepts = [a for _, a, _ in rounds if a is not None]
+            accept = f"{statistics.median(accepts):.2f}" if accepts else "-"
+            spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
             print(
-                f"| {name} | {mode} | {c} | {tput:.1f} | {tput / plain:.2f}x | {accept} | "
-                f"{_summary(cell)} |"
+                f"| {name} | {mode} | {c} | {statistics.median(t for t, _, _ in rounds):.1f} | "
+                f"{statistics.median(ratios):.2f}x{spread} | {accept} | "
+                f"{_summary(_summed([v for _, _, v in rounds]))} |"
             )
+
+
+def _summed(cells: list[dict | None]) -> dict | None:
+    """The verify-length histogram of one cell over all rounds."""
+    if not cells or cells[0] is None:
+        return None
+    steps: dict[str, int] = {}
+    for cell in cells:
+        for n, count in cell["steps_by_length"].items():
+            steps[n] = steps.get(n, 0) + count
+    return {"steps_by_length": steps}
 
 
 def _difference(lengths: dict | None, previous: dict | None) -> dict | None:

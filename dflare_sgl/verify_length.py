@@ -33,9 +33,10 @@ Hysteresis and probes: the current ``n`` is kept unless another scores ``hystere
 so noise does not make it flap. Positions past the current ``n`` are never verified and so
 never learnt; every ``probe_interval`` steps one step verifies the next longer allowed length
 (one token more where every length is allowed; at ``n = 1``: one drafted token), the interval
-doubling up to ``max_probe_interval`` while the probed draft is rejected and resetting when
-it is accepted. A useless draft so costs one cheap probe every ~100 steps; a draft that has
-become good is noticed within a few probes.
+doubling up to ``max_probe_interval`` while probes commit fewer tokens per unit of time than
+the current length is expected to, and resetting when one commits more. A useless draft so
+costs one cheap probe every ~100 steps; a draft that has become good is noticed within a few
+probes.
 """
 
 from __future__ import annotations
@@ -236,18 +237,29 @@ class AdaptiveVerifyLength:
             return self._probe_length
         return current
 
+    def _probe_paid(self, requests: list[int], n: int, accepted: np.ndarray) -> bool:
+        """Did the probe commit more tokens per unit of time than the current length expects
+        to? (Not "was a draft accepted somewhere": in a large batch some request nearly always
+        accepts a mediocre draft, and probing every few steps would then cost more than it
+        finds.) Judged before the probe's counts are added, against the estimate it tests."""
+        current = self.length or 1
+        costs = np.array([self.cost(k, len(requests)) for k in (n, current)])
+        costs = costs * self.time_corrections()[[n - 1, current - 1]]
+        committed = 1.0 + np.minimum(accepted, n - 1).mean()
+        expected = expected_committed(self.rates(requests))[:, current - 1].mean()
+        return bool(committed / costs[0] > expected / costs[1])
+
     def observe(self, requests: Sequence[int], n: int, accept_lens: Sequence[int]) -> None:
         """Record a step that verified ``n`` tokens: request ``requests[r]`` had its first
         ``accept_lens[r]`` drafts accepted (before any stop or budget cut)."""
         a = np.asarray(accept_lens, dtype=np.int64)[:, None]
-        # The probe's own step (a server reports steps late, after later choices): was its
-        # deepest draft accepted somewhere? Then probe again soon, else twice as late.
-        if n == self._probe_length:
+        # The probe's own step (a server reports steps late, after later choices).
+        if n == self._probe_length and len(requests):
             self._probe_length = None
-            found = bool((a >= n - 1).any())
+            paid = self._probe_paid(list(requests), n, a[:, 0])
             self.probe_interval = (
                 self.min_probe_interval
-                if found
+                if paid
                 else min(2 * self.probe_interval, self.max_probe_interval)
             )
         if n < 2 or not len(requests):

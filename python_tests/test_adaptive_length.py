@@ -9,7 +9,7 @@ import pytest
 
 from dflare_sgl.sglang_plugin.adaptive_length import (
     COST_WINDOW,
-    EXPLORE_ROUNDS,
+    EXPLORE_TRIES,
     MeasuredStepCosts,
     ServerVerifyLength,
     batch_bucket,
@@ -53,42 +53,68 @@ def test_batch_buckets():
     assert [batch_bucket(b) for b in (1, 2, 3, 4, 7, 8, 48)] == [1, 2, 2, 4, 4, 8, 32]
 
 
-def test_measured_costs_median_and_interpolation():
+def test_costs_are_ratios_to_plain_steps_of_the_same_batch_size():
     costs = MeasuredStepCosts(range(1, B + 1))
-    assert costs.step_ms(3, 1) == 1.0  # nothing measured: every length alike
+    assert costs.cost(3, 1) == 1.0 and costs.plain_ms(1) is None  # nothing measured
     for ms in (10.0, 11.0, 500.0):  # one stalled step does not move the median
         costs.record(1, 1, ms)
-    for ms in (20.0, 20.0, 20.0):
-        costs.record(5, 1, ms)
-    assert costs.step_ms(1, 1) == 11.0
-    assert costs.step_ms(3, 1) == pytest.approx(15.5)  # halfway from 11 to 20
-    assert costs.step_ms(8, 1) == 20.0  # flat past the last measured length
-    assert costs.step_ms(1, 3) == 11.0  # an unmeasured bucket borrows the nearest
+    costs.record(1, 3, 30.0)
+    assert costs.plain_ms(1) == 11.0 and costs.plain_ms(2) == pytest.approx(20.5)
+    # A bucket mixing batch sizes: each drafted step is priced against its own size's plain
+    # step (2 x 11 ms at b=2 and 2 x 30 ms at b=3 are both twice a plain step).
+    costs.record(5, 2, 41.0)
+    costs.record(5, 3, 60.0)
+    costs.record(5, 3, 60.0)
+    assert costs.cost(5, 3) == pytest.approx(2.0) and costs.cost(1, 3) == 1.0
+    assert costs.cost(3, 2) == pytest.approx(1.5)  # halfway from plain (1.0) to n=5 (2.0)
+    assert costs.cost(8, 2) == pytest.approx(2.0)  # flat past the longest measured
+    # Another bucket borrows the nearest bucket's ratio until it measures its own.
+    assert costs.cost(5, 16) == pytest.approx(2.0)
+    costs.record(1, 16, 100.0)
+    costs.record(5, 16, 300.0)
+    assert costs.cost(5, 16) == pytest.approx(3.0) and costs.cost(5, 2) == pytest.approx(2.0)
     for ms in range(COST_WINDOW + 5):  # only the last COST_WINDOW steps count
-        costs.record(1, 1, 100.0 + ms)
-    assert costs.step_ms(1, 1) == 100.0 + 5 + COST_WINDOW // 2
-    assert costs.table()["1"] == {"1": 107.0, "5": 20.0}
+        costs.record(1, 16, 200.0 + ms)
+    assert costs.plain_ms(16) == 200.0 + 5 + COST_WINDOW // 2
+    table = costs.table()
+    assert table["plain_ms"] == {"1": 11.0, "3": 30.0, "16": 207.0}
+    assert table["vs_plain_2"] == {"5": 2.0} and table["vs_plain_16"] == {"5": 1.449}
 
 
-def test_first_steps_of_a_bucket_try_every_length_longest_first():
+def test_first_steps_measure_plain_then_the_longest_and_shortest_draft():
     server, chosen = _serve(range(1, B + 1), 40, lambda s, n: n - 1, cpu_like_ms)
-    explore = EXPLORE_ROUNDS * B
-    assert chosen[:explore] == list(range(B, 0, -1)) * EXPLORE_ROUNDS
+    assert chosen[:3] == [1, B, 2]
     # An always-right draft then verifies the whole block.
-    assert chosen[explore + 3 :] == [B] * (40 - explore - 3)
-    # Each step's time was recorded for its own length.
-    assert server.costs.step_ms(1, 1) == pytest.approx(cpu_like_ms(1, 1))
-    assert server.costs.step_ms(B, 1) == pytest.approx(cpu_like_ms(B, 1))
-    # A new batch-size bucket explores again.
+    assert chosen[6:] == [B] * (40 - 6)
+    # Each step's time was recorded for its own length, as a ratio to the plain step.
+    assert server.costs.plain_ms(1) == pytest.approx(cpu_like_ms(1, 1))
+    assert server.costs.cost(B, 1) == pytest.approx(cpu_like_ms(B, 1) / cpu_like_ms(1, 1))
+    assert server.costs.cost(2, 1) == pytest.approx(cpu_like_ms(2, 1) / cpu_like_ms(1, 1))
+    # A new batch-size bucket measures a plain step, then borrows the drafted ratios.
     _, chosen = _serve(range(1, B + 1), 3, lambda s, n: n - 1, cpu_like_ms, "abcd", server)
-    assert chosen == [B, B - 1, B - 2]
+    assert chosen == [1, B, B]
+
+
+def test_exploration_tries_are_capped():
+    """A prefill between every two decode steps leaves no decode step measured: the server
+    stops exploring after EXPLORE_TRIES steps instead of running plain steps for ever."""
+    clock = FakeClock()
+    server = ServerVerifyLength(B, range(1, B + 1), capacity=4, clock=clock)
+    chosen = []
+    for _ in range(EXPLORE_TRIES + 5):
+        chosen.append(server.begin_decode(["a"]))
+        server.verified([chosen[-1] - 1], 1)
+        clock.now += 0.01
+        server.other_forward()
+    assert chosen[:EXPLORE_TRIES] == [1] * EXPLORE_TRIES
+    assert chosen[EXPLORE_TRIES:] == [B] * 5  # nothing measured: every length costs alike
 
 
 @pytest.mark.parametrize("late", [False, True])
 def test_a_useless_draft_is_turned_off_and_probed(late):
     steps = 300
     server, chosen = _serve(range(1, B + 1), steps, lambda s, n: 0, cpu_like_ms, late=late)
-    after = chosen[EXPLORE_ROUNDS * B + 10 :]
+    after = chosen[10:]
     assert set(after) == {1, 2}  # probes verify one draft now and then
     # ... ever more rarely while they fail (each probe judged by its own step's report).
     assert after.count(2) <= 8 and server.policy.probe_interval == 128

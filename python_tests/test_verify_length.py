@@ -86,6 +86,17 @@ def test_never_right_drives_n_to_one_and_still_probes():
     assert policy.probe_interval == policy.max_probe_interval
 
 
+def test_a_mediocre_draft_in_a_large_batch_is_probed_rarely():
+    """Drafts right 30% of the time where a drafted step costs 1.6x a plain one: in a batch of
+    16 some request accepts nearly every probe, but probes commit fewer tokens per unit of time
+    than plain steps, so they grow rare (the rule "accepted somewhere" kept them at 1 in 8)."""
+    policy = AdaptiveVerifyLength(B, lambda n, b: 1.0 if n == 1 else 1.6 + 0.1 * (n - 2))
+    chosen = _run(policy, geometric_acceptance(0.3, seed=2), 600, batch=16)
+    probes = [s for s, n in enumerate(chosen) if s >= 50 and n > 1]
+    assert len(probes) <= 0.03 * 550, len(probes)
+    assert policy.probe_interval == policy.max_probe_interval
+
+
 def test_a_draft_that_turns_good_is_noticed():
     chosen = _run(AdaptiveVerifyLength(B, cpu_like_cost), lambda s, n: 0 if s < 300 else n - 1, 700)
     assert chosen[280:300] == [1] * 20 or max(chosen[280:300]) <= 2

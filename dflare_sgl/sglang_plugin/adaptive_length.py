@@ -10,11 +10,11 @@ batch-wide record, hysteresis, probes); this module adapts its inputs to a serve
   when rows run out).
 * **Costs are measured on the server's own traffic**, not calibrated beforehand: the time
   from the start of one decode step to the start of the next (when nothing else ran
-  between) is recorded for the step's verify length and batch-size bucket (powers of two);
-  it includes the scheduler's own per-step work, which every length pays. The first decode
-  steps in a bucket try every length once, longest first, so the server calibrates itself
-  on first use; a length's cost is the median of its last few steps, and lengths not
-  measured in a bucket are interpolated from those that were.
+  between; it includes the scheduler's own per-step work, which every length pays), over
+  a plain step's at the same batch size (:class:`MeasuredStepCosts`). The server calibrates
+  itself on first use: the first decode step at each new batch-size bucket is plain, and
+  the first steps of the server's life draft the longest and the shortest length once; the
+  policy's own choices and its probes measure the rest.
 * **Acceptance arrives late.** SGLang hands the accepted counts to the worker once they are on
   the host (``on_verify_complete_cpu``), a step late under the overlap scheduler; the
   steps decided but not yet reported wait in order, so no extra device sync is needed.
@@ -35,54 +35,99 @@ import numpy as np
 
 from dflare_sgl.verify_length import AdaptiveVerifyLength
 
-# Steps per verify length in the first decode steps of a batch-size bucket.
-EXPLORE_ROUNDS = 1
-# Steps whose times make up a (length, bucket) cost.
+# Exploration steps at most per batch-size bucket (:meth:`ServerVerifyLength._exploration`).
+EXPLORE_TRIES = 6
+# Steps whose times make up a cost: a batch size's plain step, a (length, bucket)'s ratio.
 COST_WINDOW = 5
 
 
 def batch_bucket(batch_size: int) -> int:
-    """The power of two at or below ``batch_size``: steps are costed per bucket."""
+    """The power of two at or below ``batch_size``: drafted steps are costed per bucket."""
     return 1 << (max(int(batch_size), 1).bit_length() - 1)
 
 
 class MeasuredStepCosts:
-    """Milliseconds of a decode step by verify length and batch-size bucket, from the last
-    ``COST_WINDOW`` measured steps of each (median, so one stalled step does not price a
-    length out)."""
+    """A decode step's time by verify length, relative to a plain (one-token) step of the
+    same batch size.
+
+    Plain steps are kept per exact batch size (median of the last ``COST_WINDOW``;
+    interpolated in the batch size where that size has none). A drafted step is priced by
+    its time over the plain step of its own batch size, so a bucket that mixes batch sizes
+    (4 holds 4 .. 7 requests) compares like with like, and once drafting is off the plain
+    steps, which then run nearly always, keep the comparison current. A length's ratio in a
+    bucket is the median of its last ``COST_WINDOW`` steps there; a length not measured in
+    the bucket borrows the nearest bucket's, and lengths measured nowhere are interpolated
+    (linearly in n, flat past the longest) from those that were. Ratios change little with
+    the batch size, which is what makes them worth borrowing; times do.
+    """
 
     def __init__(self, lengths: Sequence[int]) -> None:
         self.lengths = list(lengths)
-        self._samples: dict[tuple[int, int], deque[float]] = {}
+        self._plain: dict[int, deque[float]] = {}  # batch size -> plain step ms
+        self._drafted: dict[tuple[int, int], deque[tuple[int, float]]] = {}  # (n, bucket)
 
     def record(self, n: int, batch_size: int, ms: float) -> None:
-        key = (n, batch_bucket(batch_size))
-        self._samples.setdefault(key, deque(maxlen=COST_WINDOW)).append(ms)
+        if n == 1:
+            self._plain.setdefault(batch_size, deque(maxlen=COST_WINDOW)).append(ms)
+        else:
+            key = (n, batch_bucket(batch_size))
+            self._drafted.setdefault(key, deque(maxlen=COST_WINDOW)).append((batch_size, ms))
 
-    def _row(self, bucket: int) -> dict[int, float]:
-        return {
-            n: statistics.median(self._samples[(n, bucket)])
-            for n in self.lengths
-            if (n, bucket) in self._samples
-        }
+    def has_plain(self, bucket: int) -> bool:
+        """Whether a plain step of a batch size in ``bucket`` was measured."""
+        return any(batch_bucket(b) == bucket for b in self._plain)
 
-    def step_ms(self, n: int, batch_size: int) -> float:
-        """The step time of length ``n`` at this batch size: measured in its bucket, else
-        interpolated (linearly in n, flat past the ends) from the bucket's measured lengths,
-        else the nearest bucket's; 1.0 for every length before anything is measured."""
+    def measured(self, n: int) -> bool:
+        """Whether a step of length ``n`` was measured (in any bucket)."""
+        if n == 1:
+            return bool(self._plain)
+        return any(k == n for k, _ in self._drafted)
+
+    def plain_ms(self, batch_size: int) -> float | None:
+        """A plain step's milliseconds at this batch size (None before any was measured)."""
+        if not self._plain:
+            return None
+        sizes = sorted(self._plain)
+        medians = [statistics.median(self._plain[b]) for b in sizes]
+        return float(np.interp(batch_size, sizes, medians))
+
+    def _ratio(self, n: int, bucket: int) -> float | None:
+        """The median ratio of length ``n``'s steps in ``bucket`` to plain steps."""
+        samples = self._drafted.get((n, bucket), ())
+        ratios = [ms / plain for b, ms in samples if (plain := self.plain_ms(b))]
+        return statistics.median(ratios) if ratios else None
+
+    def ratios(self, batch_size: int) -> dict[int, float]:
+        """``{n: step time / plain step time}`` at this batch size, for the lengths measured
+        in its bucket or borrowed from the nearest bucket that measured them (n = 1: 1.0)."""
         bucket = batch_bucket(batch_size)
-        buckets = sorted({b for _, b in self._samples}, key=lambda b: abs(b - bucket))
-        for b in buckets:
-            row = self._row(b)
-            if row:
-                ns = sorted(row)
-                return float(np.interp(n, ns, [row[k] for k in ns]))
-        return 1.0
+        buckets = sorted({k for _, k in self._drafted}, key=lambda k: (abs(k - bucket), k))
+        known = {1: 1.0}
+        for n in self.lengths[1:]:
+            for k in buckets:
+                ratio = self._ratio(n, k)
+                if ratio is not None:
+                    known[n] = ratio
+                    break
+        return known
+
+    def cost(self, n: int, batch_size: int) -> float:
+        """Step time of length ``n`` in units of a plain step at this batch size: measured or
+        borrowed (:meth:`ratios`), else interpolated; 1.0 for every length before any
+        drafted step was measured."""
+        known = self.ratios(batch_size)
+        ns = sorted(known)
+        return float(np.interp(n, ns, [known[k] for k in ns]))
 
     def table(self) -> dict[str, dict[str, float]]:
-        """``{bucket: {length: ms}}`` of what was measured (for ``/server_info``)."""
-        buckets = sorted({b for _, b in self._samples})
-        return {str(b): {str(n): round(ms, 3) for n, ms in self._row(b).items()} for b in buckets}
+        """What was measured (for ``/server_info``): ``plain_ms`` per batch size and, per
+        bucket, each length's ratio to a plain step."""
+        buckets = sorted({k for _, k in self._drafted})
+        table = {"plain_ms": {str(b): round(self.plain_ms(b), 3) for b in sorted(self._plain)}}
+        for k in buckets:
+            row = {str(n): self._ratio(n, k) for n in self.lengths[1:]}
+            table[f"vs_plain_{k}"] = {n: round(r, 3) for n, r in row.items() if r is not None}
+        return table
 
 
 class ServerVerifyLength:
@@ -109,7 +154,7 @@ class ServerVerifyLength:
         self.costs = MeasuredStepCosts(self.lengths)
         # Fixed, the policy only keeps the acceptance record (shown in the report).
         self.policy = AdaptiveVerifyLength(
-            max_length, self.costs.step_ms, lengths=lengths if self.adaptive else None
+            max_length, self.costs.cost, lengths=lengths if self.adaptive else None
         )
         self.policy.begin(capacity)
         self.clock = clock
@@ -117,6 +162,9 @@ class ServerVerifyLength:
         self._rows: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self._explored: Counter[int] = Counter()  # exploration steps taken per bucket
+        # Measured once per server; the lengths between are interpolated until chosen.
+        drafted = self.lengths[1:]
+        self._explore_lengths = sorted({drafted[0], drafted[-1]}, reverse=True) if drafted else []
         self._last_step: tuple[int, int, float] | None = None  # (n, batch size, start)
         self._reports: deque[tuple[list[str], int]] = deque()  # decided, not yet reported
 
@@ -171,7 +219,7 @@ class ServerVerifyLength:
             "decode_steps": steps,
             "steps_by_length": {str(n): self.chosen[n] for n in sorted(self.chosen)},
             "acceptance_by_position": [round(r, 4) for r in self.policy.batch_rates()],
-            "step_ms": self.costs.table(),
+            "step_costs": self.costs.table(),
         }
 
     # --- internals -------------------------------------------------------------------------
@@ -180,12 +228,22 @@ class ServerVerifyLength:
         rows = [self._row(r, rids) for r in rids]
         if not self.adaptive:
             return self.max_length
-        bucket = batch_bucket(len(rids))
-        explored = self._explored[bucket]
-        if explored < EXPLORE_ROUNDS * len(self.lengths):
-            self._explored[bucket] += 1
-            return self.lengths[::-1][explored % len(self.lengths)]
-        return self.policy.choose(rows)
+        explore = self._exploration(batch_bucket(len(rids)))
+        return explore if explore is not None else self.policy.choose(rows)
+
+    def _exploration(self, bucket: int) -> int | None:
+        """The length to measure now, if any: a plain step in a bucket with none (drafted
+        steps are priced against it), and once per server the longest and the shortest
+        drafted length. Tries per bucket are capped: a prefill between two decode steps leaves
+        the first unmeasured, and a server that always admits requests must not explore on."""
+        if self._explored[bucket] >= EXPLORE_TRIES:
+            return None
+        wanted = [] if self.costs.has_plain(bucket) else [1]
+        wanted += [n for n in self._explore_lengths if not self.costs.measured(n)]
+        if not wanted:
+            return None
+        self._explored[bucket] += 1
+        return wanted[0]
 
     def _row(self, rid: str, running: list[str]) -> int:
         row = self._rows.get(rid)
