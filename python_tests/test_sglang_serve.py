@@ -6,6 +6,12 @@ and killed by its group id.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import requests
 import torch
@@ -88,3 +94,62 @@ def test_min_p_request_is_refused(server):
         timeout=120,
     )
     assert "DFLARE does not support min_p sampling" in r.text
+
+
+TERMINATED_OWNER = """
+import sys, time
+from pathlib import Path
+from dflare_sgl.sglang_plugin.server_process import ServerProcess
+args = ["--device", "cpu", "--target", sys.argv[1], "--no-speculation", "--", "--dtype",
+        "float32", "--mem-fraction-static", "0.3", "--disable-cuda-graph"]
+with ServerProcess(args, Path(sys.argv[2]), float(sys.argv[3])) as url:
+    print(ServerProcess.__name__, url, flush=True)
+    time.sleep(600)
+"""
+
+
+def _alive_in_group(pgid: int) -> list[int]:
+    """Processes of the group that are not zombies (a container's init may never reap)."""
+    found = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout
+    alive = []
+    for pid in found.split():
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state != "Z":
+            alive.append(int(pid))
+    return alive
+
+
+def test_terminated_owner_takes_its_server_down(smollm2_dir, tmp_path):
+    """SIGTERM to a process inside ``with ServerProcess(...)`` (a job scheduler stopping
+    ``gen-data --backend sglang``) kills the server's process group on the way out."""
+    cmd = [sys.executable, "-c", TERMINATED_OWNER, str(smollm2_dir), str(tmp_path / "server.log")]
+    owner = subprocess.Popen(
+        [*cmd, str(START_TIMEOUT_S)], stdout=subprocess.PIPE, text=True, env=driver_env()
+    )
+    server_pid = None
+    try:
+        assert owner.stdout.readline().startswith("ServerProcess http"), "server did not start"
+        log = (tmp_path / "server.log").read_text()
+        children = subprocess.run(
+            ["pgrep", "-P", str(owner.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(children) == 1, (children, log[-2000:])
+        server_pid = int(children[0])
+        assert os.getpgid(server_pid) == server_pid  # its own process group
+        owner.send_signal(signal.SIGTERM)
+        assert owner.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while _alive_in_group(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _alive_in_group(server_pid), "the server outlived its terminated owner"
+    finally:
+        owner.kill()
+        owner.wait()
+        if server_pid is not None:
+            try:
+                os.killpg(server_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,6 +1,7 @@
 """An SGLang server as a child process: ``dflare serve`` started in its own process group,
 waited for until it answers ``/health_generate``, and killed by its group id when done (a
-server's scheduler and detokenizer are children of its own; killing the group leaves none).
+server's scheduler and detokenizer are children of its own; killing the group leaves none),
+also when the process that owns it is terminated (SIGTERM: a job scheduler, ``timeout``).
 
 Used where the project needs a server for a while (``dflare gen-data --backend sglang``,
 ``benchmarks/bench_sglang_serving.py``), never in the serving path itself.
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +25,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 class ServerProcess:
@@ -50,8 +56,17 @@ class ServerProcess:
         self.log, self.start_timeout_s = Path(log), start_timeout_s
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self._previous_sigterm = None
 
     def __enter__(self) -> str:
+        # SIGTERM's default action ends this process without leaving the ``with``, and the
+        # server (its own session) would live on: exit through Python instead. Only where no
+        # one else handles SIGTERM, and only the main thread may set handlers.
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         with self.log.open("w") as out:  # the server keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
@@ -81,3 +96,6 @@ class ServerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait()
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
