@@ -193,12 +193,16 @@ class AdaptiveVerifyLength:
     def scores(self, requests: Sequence[int]) -> np.ndarray:
         """Expected committed tokens per unit of step time for ``n = 1 .. B`` ``[B]`` (0 for
         a length it may not choose)."""
-        b = len(requests)
         expected = expected_committed(self.rates(requests)).sum(axis=0)
+        return expected / self.step_costs(len(requests))
+
+    def step_costs(self, batch_size: int) -> np.ndarray:
+        """Each length's cost at this batch size, corrected by the measured times ``[B]``
+        (infinite for a length it may not choose)."""
         costs = np.full(self.max_length, np.inf)
         for n in self.lengths:
-            costs[n - 1] = self.cost(n, b)
-        return expected / (costs * self.time_corrections())
+            costs[n - 1] = self.cost(n, batch_size)
+        return costs * self.time_corrections()
 
     def time_corrections(self) -> np.ndarray:
         """Measured over predicted time of each verify length ``[B]`` (1 where unmeasured),
@@ -243,11 +247,10 @@ class AdaptiveVerifyLength:
         accepts a mediocre draft, and probing every few steps would then cost more than it
         finds.) Judged before the probe's counts are added, against the estimate it tests."""
         current = self.length or 1
-        costs = np.array([self.cost(k, len(requests)) for k in (n, current)])
-        costs = costs * self.time_corrections()[[n - 1, current - 1]]
+        costs = self.step_costs(len(requests))
         committed = 1.0 + np.minimum(accepted, n - 1).mean()
         expected = expected_committed(self.rates(requests))[:, current - 1].mean()
-        return bool(committed / costs[0] > expected / costs[1])
+        return bool(committed / costs[n - 1] > expected / costs[current - 1])
 
     def observe(self, requests: Sequence[int], n: int, accept_lens: Sequence[int]) -> None:
         """Record a step that verified ``n`` tokens: request ``requests[r]`` had its first
