@@ -174,7 +174,12 @@ def main() -> None:
                         (out["output_throughput"], out.get("accept_length"), cell)
                     )
                     bar.update()
+        # Each finished round is reported (and written) at once: a run cut short keeps it.
+        _report(args, servers, results, r + 1, work)
     bar.close()
+
+
+def _report(args, servers, results: dict[tuple, list[tuple]], done: int, work: Path) -> None:
     if args.json:
         cells = [
             {"draft": k[0], "mode": k[1], "concurrency": k[2],
@@ -185,7 +190,7 @@ def main() -> None:
         args.json.write_text(json.dumps(cells, indent=1))
 
     print(f"threads: OMP_NUM_THREADS per server as `dflare serve` sets it; work dir {work}")
-    print(f"{args.repeats} round(s); vs plain: median over rounds (range)")
+    print(f"{done} round(s); vs plain: median over rounds (range)")
     columns = ["draft", "mode", "concurrency", "output tok/s", "vs plain", "accept length"]
     columns.append("verify lengths")
     print("| " + " | ".join(columns) + " |\n" + "| --- " * len(columns) + "|")
@@ -200,7 +205,8 @@ def main() -> None:
             print(
                 f"| {name} | {mode} | {c} | {statistics.median(t for t, _, _ in rounds):.1f} | "
                 f"{statistics.median(ratios):.2f}x{spread} | {accept} | "
-                f"{_summary(_summed([v for _, _, v in rounds]))} |"
+                f"{_summary(_summed([v for _, _, v in rounds]))} |",
+                flush=True,
             )
 
 

@@ -17,6 +17,7 @@ from dflare_sgl.sglang_plugin.adaptive_length import (
 from dflare_sgl.verify_length import AdaptiveVerifyLength
 
 B = 8
+REST_MS = 1.0
 
 
 class FakeClock:
@@ -28,9 +29,10 @@ class FakeClock:
 
 
 def _serve(lengths, steps, accept, step_ms, rids=("a",), server=None, late=False):
-    """Run ``steps`` decode steps of ``rids``; each step takes ``step_ms(n, b)`` and accepts
-    ``accept(step, n)`` drafts per request, reported at once or (``late``, as under SGLang's
-    overlap scheduler) after the next step was chosen. Returns (server, chosen lengths)."""
+    """Run ``steps`` decode steps of ``rids``; each step's forward takes ``step_ms(n, b)``,
+    then 1 ms of other work, and accepts ``accept(step, n)`` drafts per request, reported at
+    once or (``late``, as under SGLang's overlap scheduler) after the next step was chosen.
+    Returns (server, chosen lengths)."""
     clock = FakeClock()
     server = server or ServerVerifyLength(B, lengths, capacity=8, clock=clock)
     server.clock = clock
@@ -42,6 +44,8 @@ def _serve(lengths, steps, accept, step_ms, rids=("a",), server=None, late=False
         while len(unreported) > int(late):
             server.verified(unreported.pop(0), len(rids))
         clock.now += step_ms(n, len(rids)) / 1000.0
+        server.forward_done()
+        clock.now += REST_MS / 1000.0
     return server, chosen
 
 
@@ -54,31 +58,58 @@ def test_batch_buckets():
 
 
 def test_costs_are_ratios_to_plain_steps_of_the_same_batch_size():
+    """Steps timed whole (as on a GPU, where the forward is not timed on the host)."""
     costs = MeasuredStepCosts(range(1, B + 1))
-    assert costs.cost(3, 1) == 1.0 and costs.plain_ms(1) is None  # nothing measured
+    assert costs.cost(3, 1) == 1.0 and costs.plain_forward_ms(1) is None  # nothing measured
     for ms in (10.0, 11.0, 500.0):  # one stalled step does not move the median
-        costs.record(1, 1, ms)
-    costs.record(1, 3, 30.0)
-    assert costs.plain_ms(1) == 11.0 and costs.plain_ms(2) == pytest.approx(20.5)
+        costs.record(1, 1, ms, None)
+    costs.record(1, 3, 30.0, None)
+    assert costs.plain_forward_ms(1) == 11.0 and costs.plain_forward_ms(2) == pytest.approx(20.5)
+    assert costs.rest_ms(2) == 0.0
     # A bucket mixing batch sizes: each drafted step is priced against its own size's plain
     # step (2 x 11 ms at b=2 and 2 x 30 ms at b=3 are both twice a plain step).
-    costs.record(5, 2, 41.0)
-    costs.record(5, 3, 60.0)
-    costs.record(5, 3, 60.0)
+    costs.record(5, 2, 41.0, None)
+    costs.record(5, 3, 60.0, None)
+    costs.record(5, 3, 60.0, None)
     assert costs.cost(5, 3) == pytest.approx(2.0) and costs.cost(1, 3) == 1.0
     assert costs.cost(3, 2) == pytest.approx(1.5)  # halfway from plain (1.0) to n=5 (2.0)
     assert costs.cost(8, 2) == pytest.approx(2.0)  # flat past the longest measured
     # Another bucket borrows the nearest bucket's ratio until it measures its own.
     assert costs.cost(5, 16) == pytest.approx(2.0)
-    costs.record(1, 16, 100.0)
-    costs.record(5, 16, 300.0)
+    costs.record(1, 16, 100.0, None)
+    costs.record(5, 16, 300.0, None)
     assert costs.cost(5, 16) == pytest.approx(3.0) and costs.cost(5, 2) == pytest.approx(2.0)
     for ms in range(COST_WINDOW + 5):  # only the last COST_WINDOW steps count
-        costs.record(1, 16, 200.0 + ms)
-    assert costs.plain_ms(16) == 200.0 + 5 + COST_WINDOW // 2
+        costs.record(1, 16, 200.0 + ms, None)
+    assert costs.plain_forward_ms(16) == 200.0 + 5 + COST_WINDOW // 2
     table = costs.table()
-    assert table["plain_ms"] == {"1": 11.0, "3": 30.0, "16": 207.0}
-    assert table["vs_plain_2"] == {"5": 2.0} and table["vs_plain_16"] == {"5": 1.449}
+    assert table["plain_forward_ms"] == {"1": 11.0, "3": 30.0, "16": 207.0}
+    assert table["rest_ms"] == {"1": 0.0, "2": 0.0, "3": 0.0, "16": 0.0}
+    assert table["forward_vs_plain_2"] == {"5": 2.0}
+    assert table["forward_vs_plain_16"] == {"5": 1.449}
+
+
+def test_the_rest_of_a_step_is_shared_by_every_length():
+    """Under the overlap loop a step's interval holds the previous step's result work. Timed
+    whole, plain steps after drafted ones look slow and drafting looks cheap; the forward
+    timed apart prices each length by its own work plus the rest all lengths pay."""
+    whole, split = MeasuredStepCosts(range(1, B + 1)), MeasuredStepCosts(range(1, B + 1))
+    forward = {1: 60.0, 4: 120.0}
+    left_by = {1: 20.0, 4: 50.0}  # result work a step leaves to the next interval
+    previous = 1
+    for n in [1, 4] * 3:  # alternating, as where drafting pays about as much as it costs
+        step = forward[n] + left_by[previous]
+        whole.record(n, 1, step, None)
+        split.record(n, 1, step, forward[n])
+        previous = n
+    assert whole.cost(4, 1) == pytest.approx(140.0 / 110.0)  # 120 + 20 over 60 + 50
+    rest = split.rest_ms(1)
+    assert rest == 20.0  # the median of 20, 50, 20, 50, 20 (the window's last five)
+    assert split.cost(4, 1) == pytest.approx((120.0 + rest) / (60.0 + rest))
+    assert split.forward_ratios(1) == {1: 1.0, 4: 2.0}
+    # A forward longer than its interval (clock jitter) leaves no negative rest.
+    split.record(1, 2, 10.0, 12.0)
+    assert split.rest_ms(2) == 0.0 and split.plain_forward_ms(2) == 10.0
 
 
 def test_first_steps_measure_plain_then_the_longest_and_shortest_draft():
@@ -87,9 +118,11 @@ def test_first_steps_measure_plain_then_the_longest_and_shortest_draft():
     # An always-right draft then verifies the whole block.
     assert chosen[6:] == [B] * (40 - 6)
     # Each step's time was recorded for its own length, as a ratio to the plain step.
-    assert server.costs.plain_ms(1) == pytest.approx(cpu_like_ms(1, 1))
-    assert server.costs.cost(B, 1) == pytest.approx(cpu_like_ms(B, 1) / cpu_like_ms(1, 1))
-    assert server.costs.cost(2, 1) == pytest.approx(cpu_like_ms(2, 1) / cpu_like_ms(1, 1))
+    assert server.costs.plain_forward_ms(1) == pytest.approx(cpu_like_ms(1, 1))
+    assert server.costs.rest_ms(1) == pytest.approx(REST_MS)
+    for n in (2, B):
+        step = cpu_like_ms(n, 1) + REST_MS
+        assert server.costs.cost(n, 1) == pytest.approx(step / (cpu_like_ms(1, 1) + REST_MS))
     # A new batch-size bucket measures a plain step, then borrows the drafted ratios.
     _, chosen = _serve(range(1, B + 1), 3, lambda s, n: n - 1, cpu_like_ms, "abcd", server)
     assert chosen == [1, B, B]

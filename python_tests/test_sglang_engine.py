@@ -351,9 +351,11 @@ def test_adaptive_verify_length_is_lossless(reference, dflare_adaptive):
     assert sum(chosen.values()) == lengths["decode_steps"] >= MAX_NEW - 1
     # Plain steps, the whole block and a one-draft step (each its own code path).
     assert {1, 2, 8} <= set(chosen) and chosen[1] > chosen[8], chosen
-    # Measured step costs (plain ms per batch size, ratios per bucket); nothing accepted.
+    # Measured step costs (a plain forward and the rest of a step per batch size, forward
+    # ratios per bucket: the CPU worker times its forward); nothing accepted.
     costs = lengths["step_costs"]
-    assert costs["plain_ms"] and any(k.startswith("vs_plain_") for k in costs)
+    assert costs["plain_forward_ms"] and any(k.startswith("forward_vs_plain_") for k in costs)
+    assert costs["rest_ms"] and all(ms > 0.0 for ms in costs["rest_ms"].values())
     assert max(lengths["acceptance_by_position"]) < 0.5
 
 

@@ -10,8 +10,9 @@ batch-wide record, hysteresis, probes); this module adapts its inputs to a serve
   when rows run out).
 * **Costs are measured on the server's own traffic**, not calibrated beforehand: the time
   from the start of one decode step to the start of the next (when nothing else ran
-  between; it includes the scheduler's own per-step work, which every length pays), over
-  a plain step's at the same batch size (:class:`MeasuredStepCosts`). The server calibrates
+  between), split into the worker's forward, which is the step length's own, and the
+  scheduler's work around it, which every length pays; a step's cost is relative to a plain
+  step's at the same batch size (:class:`MeasuredStepCosts`). The server calibrates
   itself on first use: the first decode step at each new batch-size bucket is plain, and
   the first steps of the server's life draft the longest and the shortest length once; the
   policy's own choices and its probes measure the rest.
@@ -48,31 +49,49 @@ def batch_bucket(batch_size: int) -> int:
 
 class MeasuredStepCosts:
     """A decode step's time by verify length, relative to a plain (one-token) step of the
-    same batch size.
+    same batch size, from two parts measured apart:
 
-    Plain steps are kept per exact batch size (median of the last ``COST_WINDOW``;
-    interpolated in the batch size where that size has none). A drafted step is priced by
-    its time over the plain step of its own batch size, so a bucket that mixes batch sizes
-    (4 holds 4 .. 7 requests) compares like with like, and once drafting is off the plain
-    steps, which then run nearly always, keep the comparison current. A length's ratio in a
-    bucket is the median of its last ``COST_WINDOW`` steps there; a length not measured in
-    the bucket borrows the nearest bucket's, and lengths measured nowhere are interpolated
-    (linearly in n, flat past the longest) from those that were. Ratios change less with
-    the batch size than times do (on this CPU n=8 read 1.5-3.7x a plain step at one request
-    and 4.0x at sixteen), so a borrowed ratio is a first guess the bucket soon replaces.
+    * **the forward** (the worker's own pass: draft, target verify, acceptance), which
+      belongs to the step's length exactly;
+    * **the rest of the step** (the scheduler's work around it: the previous step's results,
+      the next batch), which every length pays alike, kept per batch size over all steps.
+
+    They are apart because the rest is not the step's own: the overlap loop processes a
+    step's results after launching the next step, so the interval between the starts of two
+    decode steps charges each with the work left by the one before. Timed whole, a plain
+    step after drafted steps read 30-60% slower than in a server that never drafts (107 vs
+    80 ms at one request on this CPU), and drafted steps' ratios came out low. Where the
+    forward cannot be timed on the host (a GPU, whose host work overlaps the device's), a
+    step is its whole interval and the rest is zero.
+
+    Plain forwards and the rest are kept per exact batch size (median of the last
+    ``COST_WINDOW``; interpolated in the batch size where that size has none). A drafted
+    forward is priced by its time over the plain forward of its own batch size, so a bucket
+    mixing batch sizes (4 holds 4 .. 7 requests) compares like with like. A length's forward
+    ratio in a bucket is the median of its last ``COST_WINDOW`` steps there; a length not
+    measured in the bucket borrows the nearest bucket's, and lengths measured nowhere are
+    interpolated (linearly in n, flat past the longest) from those that were. Forward ratios
+    change less with the batch size than times do, so a borrowed ratio is a first guess the
+    bucket soon replaces. A step's cost is then (ratio x plain forward + rest) / (plain
+    forward + rest) at its batch size.
     """
 
     def __init__(self, lengths: Sequence[int]) -> None:
         self.lengths = list(lengths)
-        self._plain: dict[int, deque[float]] = {}  # batch size -> plain step ms
+        self._plain: dict[int, deque[float]] = {}  # batch size -> plain forward ms
+        self._rest: dict[int, deque[float]] = {}  # batch size -> ms of a step outside it
         self._drafted: dict[tuple[int, int], deque[tuple[int, float]]] = {}  # (n, bucket)
 
-    def record(self, n: int, batch_size: int, ms: float) -> None:
+    def record(self, n: int, batch_size: int, step_ms: float, forward_ms: float | None) -> None:
+        """One decode step: ``step_ms`` from its start to the next step's, ``forward_ms`` of
+        it in the worker's forward (None: untimed, the whole step counts)."""
+        forward = step_ms if forward_ms is None else min(forward_ms, step_ms)
+        self._rest.setdefault(batch_size, deque(maxlen=COST_WINDOW)).append(step_ms - forward)
         if n == 1:
-            self._plain.setdefault(batch_size, deque(maxlen=COST_WINDOW)).append(ms)
+            self._plain.setdefault(batch_size, deque(maxlen=COST_WINDOW)).append(forward)
         else:
             key = (n, batch_bucket(batch_size))
-            self._drafted.setdefault(key, deque(maxlen=COST_WINDOW)).append((batch_size, ms))
+            self._drafted.setdefault(key, deque(maxlen=COST_WINDOW)).append((batch_size, forward))
 
     def has_plain(self, bucket: int) -> bool:
         """Whether a plain step of a batch size in ``bucket`` was measured."""
@@ -84,23 +103,23 @@ class MeasuredStepCosts:
             return bool(self._plain)
         return any(k == n for k, _ in self._drafted)
 
-    def plain_ms(self, batch_size: int) -> float | None:
-        """A plain step's milliseconds at this batch size (None before any was measured)."""
-        if not self._plain:
-            return None
-        sizes = sorted(self._plain)
-        medians = [statistics.median(self._plain[b]) for b in sizes]
-        return float(np.interp(batch_size, sizes, medians))
+    def plain_forward_ms(self, batch_size: int) -> float | None:
+        """A plain step's forward, milliseconds, at this batch size (None: none measured)."""
+        return _median_at(self._plain, batch_size)
+
+    def rest_ms(self, batch_size: int) -> float | None:
+        """The part of a step outside the forward, milliseconds, at this batch size."""
+        return _median_at(self._rest, batch_size)
 
     def _ratio(self, n: int, bucket: int) -> float | None:
-        """The median ratio of length ``n``'s steps in ``bucket`` to plain steps."""
+        """The median ratio of length ``n``'s forwards in ``bucket`` to plain forwards."""
         samples = self._drafted.get((n, bucket), ())
-        ratios = [ms / plain for b, ms in samples if (plain := self.plain_ms(b))]
+        ratios = [ms / plain for b, ms in samples if (plain := self.plain_forward_ms(b))]
         return statistics.median(ratios) if ratios else None
 
-    def ratios(self, batch_size: int) -> dict[int, float]:
-        """``{n: step time / plain step time}`` at this batch size, for the lengths measured
-        in its bucket or borrowed from the nearest bucket that measured them (n = 1: 1.0)."""
+    def forward_ratios(self, batch_size: int) -> dict[int, float]:
+        """``{n: forward time / plain forward time}`` at this batch size, for the lengths
+        measured in its bucket or borrowed from the nearest bucket that measured them."""
         bucket = batch_bucket(batch_size)
         buckets = sorted({k for _, k in self._drafted}, key=lambda k: (abs(k - bucket), k))
         known = {1: 1.0}
@@ -113,22 +132,38 @@ class MeasuredStepCosts:
         return known
 
     def cost(self, n: int, batch_size: int) -> float:
-        """Step time of length ``n`` in units of a plain step at this batch size: measured or
-        borrowed (:meth:`ratios`), else interpolated; 1.0 for every length before any
-        drafted step was measured."""
-        known = self.ratios(batch_size)
+        """Step time of length ``n`` in units of a plain step at this batch size; 1.0 for
+        every length before any drafted step was measured."""
+        known = self.forward_ratios(batch_size)
         ns = sorted(known)
-        return float(np.interp(n, ns, [known[k] for k in ns]))
+        ratio = float(np.interp(n, ns, [known[k] for k in ns]))
+        forward = self.plain_forward_ms(batch_size) or 0.0
+        rest = self.rest_ms(batch_size) or 0.0
+        if forward + rest <= 0.0:  # nothing timed yet
+            return ratio
+        return (ratio * forward + rest) / (forward + rest)
 
     def table(self) -> dict[str, dict[str, float]]:
-        """What was measured (for ``/server_info``): ``plain_ms`` per batch size and, per
-        bucket, each length's ratio to a plain step."""
-        buckets = sorted({k for _, k in self._drafted})
-        table = {"plain_ms": {str(b): round(self.plain_ms(b), 3) for b in sorted(self._plain)}}
-        for k in buckets:
+        """What was measured (for ``/server_info``): per batch size a plain step's forward
+        and the rest of a step (ms), and per bucket each length's forward over a plain one."""
+        table = {
+            name: {str(b): round(_median_at(samples, b), 3) for b in sorted(samples)}
+            for name, samples in (("plain_forward_ms", self._plain), ("rest_ms", self._rest))
+        }
+        for k in sorted({k for _, k in self._drafted}):
             row = {str(n): self._ratio(n, k) for n in self.lengths[1:]}
-            table[f"vs_plain_{k}"] = {n: round(r, 3) for n, r in row.items() if r is not None}
+            table[f"forward_vs_plain_{k}"] = {
+                n: round(r, 3) for n, r in row.items() if r is not None
+            }
         return table
+
+
+def _median_at(samples: dict[int, deque[float]], batch_size: int) -> float | None:
+    """The median of each batch size's samples, interpolated at ``batch_size``."""
+    if not samples:
+        return None
+    sizes = sorted(samples)
+    return float(np.interp(batch_size, sizes, [statistics.median(samples[b]) for b in sizes]))
 
 
 class ServerVerifyLength:
@@ -167,6 +202,7 @@ class ServerVerifyLength:
         drafted = self.lengths[1:]
         self._explore_lengths = sorted({drafted[0], drafted[-1]}, reverse=True) if drafted else []
         self._last_step: tuple[int, int, float] | None = None  # (n, batch size, start)
+        self._forward_ms: float | None = None  # the last step's forward, where timed
         self._reports: deque[tuple[list[str], int]] = deque()  # decided, not yet reported
 
     @property
@@ -181,12 +217,19 @@ class ServerVerifyLength:
         now = self.clock()
         if self._last_step is not None:
             n, b, start = self._last_step
-            self.costs.record(n, b, 1000.0 * (now - start))
+            self.costs.record(n, b, 1000.0 * (now - start), self._forward_ms)
         n = self._choose(list(rids))
         self.chosen[n] += 1
         self._last_step = (n, len(rids), now)
+        self._forward_ms = None
         self._reports.append((list(rids), n))
         return n
+
+    def forward_done(self) -> None:
+        """The worker's forward of the current decode step has finished now (called where
+        the forward runs synchronously on the host, i.e. on CPU)."""
+        if self._last_step is not None:
+            self._forward_ms = 1000.0 * (self.clock() - self._last_step[2])
 
     def other_forward(self) -> None:
         """A prefill (or mixed, or idle) batch runs: the time until the next decode step is

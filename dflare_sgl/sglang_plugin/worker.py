@@ -115,6 +115,7 @@ class DFlareWorker(DFlashWorkerV2):
         self.verify_lengths: ServerVerifyLength | None = None
         self._length_fixed_by_flag = server_args.speculative_num_draft_tokens is not None
         self._length_state: dict[int, dict] = {}
+        self._forward_on_host = torch.device(self.device).type == "cpu"
 
     def _adaptive_lengths(self) -> list[int] | None:
         """The lengths the policy may choose (any of 1 .. B), or None where every step verifies
@@ -235,7 +236,10 @@ class DFlareWorker(DFlashWorkerV2):
             return super().forward_batch_generation(batch, *args, **kwargs)
         n = self.verify_lengths.begin_decode([req.rid for req in batch.reqs])
         with self._verifying(n, batch):
-            return super().forward_batch_generation(batch, *args, **kwargs)
+            result = super().forward_batch_generation(batch, *args, **kwargs)
+        if self._forward_on_host:  # on a GPU the call returns before the device finishes
+            self.verify_lengths.forward_done()
+        return result
 
     @contextlib.contextmanager
     def _verifying(self, n: int, batch):
