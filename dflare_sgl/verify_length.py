@@ -34,9 +34,10 @@ so noise does not make it flap. Positions past the current ``n`` are never verif
 never learnt; every ``probe_interval`` steps one step verifies the next longer allowed length
 (one token more where every length is allowed; at ``n = 1``: one drafted token), the interval
 doubling up to ``max_probe_interval`` while probes commit fewer tokens per unit of time than
-the current length is expected to, and resetting when one commits more. A useless draft so
-costs one cheap probe every ~100 steps; a draft that has become good is noticed within a few
-probes.
+the current length is expected to, and resetting when one commits more; a probe that commits
+more is followed at once by a probe one length longer (a climb), so a draft that has become
+good is back at its best length a few steps after the first probe that notices it. A useless
+draft so costs one cheap probe every ~100 steps.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ class AdaptiveVerifyLength:
         self.time_steps = np.zeros(max_length)
         self._since_probe = 0
         self._probe_length: int | None = None  # the length of the probe not yet observed
+        self._climb: int | None = None  # the last probe's length, while probes pay
         self.begin(0)
 
     def begin(self, batch_size: int) -> None:
@@ -235,9 +237,10 @@ class AdaptiveVerifyLength:
             current = best
         self.length = current
         self._since_probe += 1
-        if current < self.max_length and self._since_probe >= self.probe_interval:
+        below = max(current, self._climb or 1)  # probes climb from the last one that paid
+        if below < self.max_length and self._since_probe >= self.probe_interval:
             self._since_probe = 0
-            self._probe_length = self.lengths[self.lengths.index(current) + 1]
+            self._probe_length = self.lengths[self.lengths.index(below) + 1]
             return self._probe_length
         return current
 
@@ -265,6 +268,13 @@ class AdaptiveVerifyLength:
                 if paid
                 else min(2 * self.probe_interval, self.max_probe_interval)
             )
+            # One that paid is followed at once by one a length longer: each teaches the
+            # next position, which the current estimate has never seen (it borrows the rate
+            # before it), so a draft that has turned good is climbed back to in a few steps
+            # rather than one position per probe interval. One that did not pay ends it.
+            self._climb = n if paid and n < self.max_length else None
+            if self._climb is not None:
+                self._since_probe = self.probe_interval
         if n < 2 or not len(requests):
             return
         rows = list(requests)

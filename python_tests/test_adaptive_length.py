@@ -72,21 +72,40 @@ def test_costs_are_ratios_to_plain_steps_of_the_same_batch_size():
     costs.record(5, 3, 60.0, None)
     costs.record(5, 3, 60.0, None)
     assert costs.cost(5, 3) == pytest.approx(2.0) and costs.cost(1, 3) == 1.0
-    assert costs.cost(3, 2) == pytest.approx(1.5)  # halfway from plain (1.0) to n=5 (2.0)
-    assert costs.cost(8, 2) == pytest.approx(2.0)  # flat past the longest measured
-    # Another bucket borrows the nearest bucket's ratio until it measures its own.
+    assert costs.cost(3, 2) == costs.cost(8, 2) == pytest.approx(2.0)  # one length: flat
+    # Two lengths: the bucket's lengths lie on the line through them.
+    costs.record(2, 2, 1.5 * 20.5, None)
+    assert costs.cost(3, 2) == pytest.approx(1.5 + 1 / 6) and costs.cost(8, 2) == pytest.approx(2.5)
+    # Another bucket borrows the nearest bucket's line until it measures its own; one that
+    # measured a single length takes the nearest slope through it.
     assert costs.cost(5, 16) == pytest.approx(2.0)
     costs.record(1, 16, 100.0, None)
     costs.record(5, 16, 300.0, None)
-    assert costs.cost(5, 16) == pytest.approx(3.0) and costs.cost(5, 2) == pytest.approx(2.0)
+    assert costs.cost(5, 16) == pytest.approx(3.0) and costs.cost(2, 16) == pytest.approx(2.5)
+    assert costs.cost(5, 2) == pytest.approx(2.0)
     for ms in range(COST_WINDOW + 5):  # only the last COST_WINDOW steps count
         costs.record(1, 16, 200.0 + ms, None)
     assert costs.plain_forward_ms(16) == 200.0 + 5 + COST_WINDOW // 2
     table = costs.table()
     assert table["plain_forward_ms"] == {"1": 11.0, "3": 30.0, "16": 207.0}
     assert table["rest_ms"] == {"1": 0.0, "2": 0.0, "3": 0.0, "16": 0.0}
-    assert table["forward_vs_plain_2"] == {"5": 2.0}
+    assert table["forward_vs_plain_2"] == {"2": 1.5, "5": 2.0}
+    assert table["forward_line_2"] == {"at_2": 1.5, "per_token": 0.1667}
     assert table["forward_vs_plain_16"] == {"5": 1.449}
+    assert table["forward_line_16"] == {"at_2": 0.949, "per_token": 0.1667}
+
+
+def test_a_length_that_ran_fast_once_does_not_win():
+    """Eight lengths' costs, each the median of a few noisy steps: the best-looking one is
+    the most underestimated. A line through all of them is not moved much by one."""
+    costs = MeasuredStepCosts(range(1, B + 1))
+    costs.record(1, 1, 100.0, None)
+    for _ in range(COST_WINDOW):
+        costs.record(2, 1, 160.0, None)
+        costs.record(B, 1, 250.0, None)
+    costs.record(4, 1, 130.0, None)  # one step, as fast as a 1.3x
+    assert 1.6 < costs.cost(3, 1) < costs.cost(4, 1) < costs.cost(5, 1) < 2.5
+    assert costs.cost(4, 1) > 1.75
 
 
 def test_the_rest_of_a_step_is_shared_by_every_length():
@@ -106,7 +125,7 @@ def test_the_rest_of_a_step_is_shared_by_every_length():
     rest = split.rest_ms(1)
     assert rest == 20.0  # the median of 20, 50, 20, 50, 20 (the window's last five)
     assert split.cost(4, 1) == pytest.approx((120.0 + rest) / (60.0 + rest))
-    assert split.forward_ratios(1) == {1: 1.0, 4: 2.0}
+    assert split.forward_ratio(4, 1) == 2.0 and split.forward_ratio(1, 1) == 1.0
     # A forward longer than its interval (clock jitter) leaves no negative rest.
     split.record(1, 2, 10.0, 12.0)
     assert split.rest_ms(2) == 0.0 and split.plain_forward_ms(2) == 10.0

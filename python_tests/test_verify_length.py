@@ -98,10 +98,16 @@ def test_a_mediocre_draft_in_a_large_batch_is_probed_rarely():
 
 
 def test_a_draft_that_turns_good_is_noticed():
-    chosen = _run(AdaptiveVerifyLength(B, cpu_like_cost), lambda s, n: 0 if s < 300 else n - 1, 700)
+    """Probes have grown rare (one in max_probe_interval) while the draft was useless; the
+    first one after it turns good pays, and the probes that follow at once, each one token
+    longer, climb back to the block (one position per probe interval took 200+ steps)."""
+    policy = AdaptiveVerifyLength(B, cpu_like_cost)
+    chosen = _run(policy, lambda s, n: 0 if s < 300 else n - 1, 700)
     assert chosen[280:300] == [1] * 20 or max(chosen[280:300]) <= 2
+    first = next(s for s in range(300, 700) if chosen[s] > 1)
+    assert first - 300 <= policy.max_probe_interval
     back = next(s for s in range(300, 700) if chosen[s] == B)
-    assert back - 300 <= 300, f"back at the full block only after {back - 300} steps"
+    assert back - first <= B, f"back at the full block {back - first} steps after a probe paid"
     assert chosen[-20:] == [B] * 20
 
 

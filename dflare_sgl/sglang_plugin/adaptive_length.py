@@ -68,12 +68,11 @@ class MeasuredStepCosts:
     ``COST_WINDOW``; interpolated in the batch size where that size has none). A drafted
     forward is priced by its time over the plain forward of its own batch size, so a bucket
     mixing batch sizes (4 holds 4 .. 7 requests) compares like with like. A length's forward
-    ratio in a bucket is the median of its last ``COST_WINDOW`` steps there; a length not
-    measured in the bucket borrows the nearest bucket's, and lengths measured nowhere are
-    interpolated (linearly in n, flat past the longest) from those that were. Forward ratios
-    change less with the batch size than times do, so a borrowed ratio is a first guess the
-    bucket soon replaces. A step's cost is then (ratio x plain forward + rest) / (plain
-    forward + rest) at its batch size.
+    ratio in a bucket is the median of its last ``COST_WINDOW`` steps there, and the bucket's
+    lengths lie on a line through those medians (:meth:`_fit_lines`); a bucket that measured
+    nothing borrows the nearest bucket's line. Forward ratios change less with the batch size
+    than times do, so a borrowed line is a first guess the bucket soon replaces. A step's
+    cost is then (ratio x plain forward + rest) / (plain forward + rest) at its batch size.
     """
 
     def __init__(self, lengths: Sequence[int]) -> None:
@@ -81,10 +80,12 @@ class MeasuredStepCosts:
         self._plain: dict[int, deque[float]] = {}  # batch size -> plain forward ms
         self._rest: dict[int, deque[float]] = {}  # batch size -> ms of a step outside it
         self._drafted: dict[tuple[int, int], deque[tuple[int, float]]] = {}  # (n, bucket)
+        self._fitted: dict[int, tuple[float, float]] | None = None  # until the next record
 
     def record(self, n: int, batch_size: int, step_ms: float, forward_ms: float | None) -> None:
         """One decode step: ``step_ms`` from its start to the next step's, ``forward_ms`` of
         it in the worker's forward (None: untimed, the whole step counts)."""
+        self._fitted = None
         forward = step_ms if forward_ms is None else min(forward_ms, step_ms)
         self._rest.setdefault(batch_size, deque(maxlen=COST_WINDOW)).append(step_ms - forward)
         if n == 1:
@@ -117,26 +118,50 @@ class MeasuredStepCosts:
         ratios = [ms / plain for b, ms in samples if (plain := self.plain_forward_ms(b))]
         return statistics.median(ratios) if ratios else None
 
-    def forward_ratios(self, batch_size: int) -> dict[int, float]:
-        """``{n: forward time / plain forward time}`` at this batch size, for the lengths
-        measured in its bucket or borrowed from the nearest bucket that measured them."""
+    def _lines(self) -> dict[int, tuple[float, float]]:
+        if self._fitted is None:
+            self._fitted = self._fit_lines()
+        return self._fitted
+
+    def _fit_lines(self) -> dict[int, tuple[float, float]]:
+        """Per bucket, a drafted forward's ratio to a plain one as a line in the verify
+        length, ``(ratio at n = 2, increase per token)``: the draft pass and the verify
+        tokens. Fitted to the measured lengths' medians (weighted by their steps), so the
+        policy does not chase one length whose few steps happened to run fast (the choice of
+        the best of eight noisy costs favours the one most underestimated). A bucket that
+        measured one length takes the per-token slope of the nearest bucket that measured
+        two or more (flat if none did)."""
+        points: dict[int, list[tuple[int, float, int]]] = {}
+        for n, k in self._drafted:
+            ratio = self._ratio(n, k)
+            if ratio is not None:
+                points.setdefault(k, []).append((n, ratio, len(self._drafted[(n, k)])))
+        slopes, lines = {}, {}
+        for k, pts in points.items():
+            n, r, w = (np.array(v, dtype=float) for v in zip(*pts))
+            if len(pts) > 1:
+                slopes[k] = max(float(np.polyfit(n - 2, r, 1, w=np.sqrt(w))[0]), 0.0)
+        for k, pts in points.items():
+            near = sorted(slopes, key=lambda j: (abs(j - k), j))
+            slope = slopes[near[0]] if near else 0.0
+            n, r, w = (np.array(v, dtype=float) for v in zip(*pts))
+            lines[k] = (float(np.average(r - slope * (n - 2), weights=w)), slope)
+        return lines
+
+    def forward_ratio(self, n: int, batch_size: int) -> float:
+        """A forward of length ``n`` over a plain one at this batch size: its bucket's line,
+        or the nearest bucket's where its own measured nothing (1.0 before anything was)."""
+        lines = self._lines()
+        if n == 1 or not lines:
+            return 1.0
         bucket = batch_bucket(batch_size)
-        buckets = sorted({k for _, k in self._drafted}, key=lambda k: (abs(k - bucket), k))
-        known = {1: 1.0}
-        for n in self.lengths[1:]:
-            for k in buckets:
-                ratio = self._ratio(n, k)
-                if ratio is not None:
-                    known[n] = ratio
-                    break
-        return known
+        at_2, per_token = lines[min(lines, key=lambda k: (abs(k - bucket), k))]
+        return max(at_2 + per_token * (n - 2), 1.0)
 
     def cost(self, n: int, batch_size: int) -> float:
         """Step time of length ``n`` in units of a plain step at this batch size; 1.0 for
         every length before any drafted step was measured."""
-        known = self.forward_ratios(batch_size)
-        ns = sorted(known)
-        ratio = float(np.interp(n, ns, [known[k] for k in ns]))
+        ratio = self.forward_ratio(n, batch_size)
         forward = self.plain_forward_ms(batch_size) or 0.0
         rest = self.rest_ms(batch_size) or 0.0
         if forward + rest <= 0.0:  # nothing timed yet
@@ -150,11 +175,14 @@ class MeasuredStepCosts:
             name: {str(b): round(_median_at(samples, b), 3) for b in sorted(samples)}
             for name, samples in (("plain_forward_ms", self._plain), ("rest_ms", self._rest))
         }
-        for k in sorted({k for _, k in self._drafted}):
+        lines = self._lines()
+        for k in sorted(lines):
             row = {str(n): self._ratio(n, k) for n in self.lengths[1:]}
             table[f"forward_vs_plain_{k}"] = {
                 n: round(r, 3) for n, r in row.items() if r is not None
             }
+            at_2, per_token = lines[k]
+            table[f"forward_line_{k}"] = {"at_2": round(at_2, 3), "per_token": round(per_token, 4)}
         return table
 
 
