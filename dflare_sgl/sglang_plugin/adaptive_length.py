@@ -80,12 +80,14 @@ class MeasuredStepCosts:
         self._plain: dict[int, deque[float]] = {}  # batch size -> plain forward ms
         self._rest: dict[int, deque[float]] = {}  # batch size -> ms of a step outside it
         self._drafted: dict[tuple[int, int], deque[tuple[int, float]]] = {}  # (n, bucket)
-        self._fitted: dict[int, tuple[float, float]] | None = None  # until the next record
+        # Medians and lines derived from the samples, until the next record: a decision
+        # prices every length, and recomputing them each time cost ~3 ms a step.
+        self._derived: dict = {}
 
     def record(self, n: int, batch_size: int, step_ms: float, forward_ms: float | None) -> None:
         """One decode step: ``step_ms`` from its start to the next step's, ``forward_ms`` of
         it in the worker's forward (None: untimed, the whole step counts)."""
-        self._fitted = None
+        self._derived.clear()
         forward = step_ms if forward_ms is None else min(forward_ms, step_ms)
         self._rest.setdefault(batch_size, deque(maxlen=COST_WINDOW)).append(step_ms - forward)
         if n == 1:
@@ -106,11 +108,11 @@ class MeasuredStepCosts:
 
     def plain_forward_ms(self, batch_size: int) -> float | None:
         """A plain step's forward, milliseconds, at this batch size (None: none measured)."""
-        return _median_at(self._plain, batch_size)
+        return self._once(("plain", batch_size), lambda: _median_at(self._plain, batch_size))
 
     def rest_ms(self, batch_size: int) -> float | None:
         """The part of a step outside the forward, milliseconds, at this batch size."""
-        return _median_at(self._rest, batch_size)
+        return self._once(("rest", batch_size), lambda: _median_at(self._rest, batch_size))
 
     def _ratio(self, n: int, bucket: int) -> float | None:
         """The median ratio of length ``n``'s forwards in ``bucket`` to plain forwards."""
@@ -119,9 +121,12 @@ class MeasuredStepCosts:
         return statistics.median(ratios) if ratios else None
 
     def _lines(self) -> dict[int, tuple[float, float]]:
-        if self._fitted is None:
-            self._fitted = self._fit_lines()
-        return self._fitted
+        return self._once("lines", self._fit_lines)
+
+    def _once(self, key, compute: Callable[[], object]):
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     def _fit_lines(self) -> dict[int, tuple[float, float]]:
         """Per bucket, a drafted forward's ratio to a plain one as a line in the verify
