@@ -56,13 +56,13 @@ class MeasuredStepCosts:
     * **the rest of the step** (the scheduler's work around it: the previous step's results,
       the next batch), which every length pays alike, kept per batch size over all steps.
 
-    They are apart because the rest is not the step's own: the overlap loop processes a
-    step's results after launching the next step, so the interval between the starts of two
-    decode steps charges each with the work left by the one before. Timed whole, a plain
-    step after drafted steps read 30-60% slower than in a server that never drafts (107 vs
-    80 ms at one request on this CPU), and drafted steps' ratios came out low. Where the
-    forward cannot be timed on the host (a GPU, whose host work overlaps the device's), a
-    step is its whole interval and the rest is zero.
+    They are apart because only the forward is the length's own: the interval between the
+    starts of two decode steps also holds whatever ran between them (under the overlap loop,
+    the previous step's results). Timed whole, plain steps at one request read 78-83 ms in
+    servers that barely drafted and 107-112 ms in servers that drafted often, on this CPU,
+    and drafted steps' ratios to them came out low; their forwards read 67-84 ms in every
+    server, and the rest 1-5 ms. Where the forward cannot be timed on the host (a GPU, whose
+    host work overlaps the device's), a step is its whole interval and the rest is zero.
 
     Plain forwards and the rest are kept per exact batch size (median of the last
     ``COST_WINDOW``; interpolated in the batch size where that size has none). A drafted
