@@ -3,7 +3,7 @@
 Every decode step of an adaptive DFLARE server records the previous step's time and chooses
 the next length (:class:`dflare_sgl.sglang_plugin.adaptive_length.ServerVerifyLength`), before
 the step's forward, on the scheduler's thread: plain steps pay it too, so it is overhead
-against the plain server. This times record + choose on a server state in which
+against the plain server. This times ``begin_decode`` (record + choose) on a server state in which
 ``--batch-sizes`` batch sizes and every length 1 .. B have ``COST_WINDOW`` steps measured (a
 server some minutes into mixed traffic), per batch size asked, median of ``--repeats`` loops.
 
@@ -36,15 +36,15 @@ def main() -> None:
                 forward = (60.0 + 10.0 * b) * (1.0 if n == 1 else 1.5 + 0.1 * n)
                 server.costs.record(n, b, forward + 2.0 * rng.random(), forward)
     rids = [f"r{i}" for i in range(args.batch_sizes)]
-    print(f"| batch size | ms per decision (record + choose), median of {args.repeats} |")
+    print(f"| batch size | ms per decode step's begin_decode, median of {args.repeats} |")
     print("| --- | --- |")
     for b in sorted({1, args.batch_sizes // 2, args.batch_sizes}):
         loops = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            for _ in range(args.steps):
-                server.costs.record(1, b, 100.0, 90.0)
-                server._choose(rids[:b])
+            for _ in range(args.steps):  # each records the step before it, then chooses
+                server.begin_decode(rids[:b])
+                server.forward_done()
             loops.append(1000.0 * (time.perf_counter() - start) / args.steps)
         print(f"| {b} | {statistics.median(loops):.3f} |")
 

@@ -141,16 +141,20 @@ class MeasuredStepCosts:
             ratio = self._ratio(n, k)
             if ratio is not None:
                 points.setdefault(k, []).append((n, ratio, len(self._drafted[(n, k)])))
-        slopes, lines = {}, {}
+        arrays = {}  # per bucket: lengths past 2, ratios, steps
         for k, pts in points.items():
             n, r, w = (np.array(v, dtype=float) for v in zip(*pts))
-            if len(pts) > 1:
-                slopes[k] = max(float(np.polyfit(n - 2, r, 1, w=np.sqrt(w))[0]), 0.0)
-        for k, pts in points.items():
+            arrays[k] = (n - 2, r, w)
+        slopes = {
+            k: max(float(np.polyfit(n, r, 1, w=np.sqrt(w))[0]), 0.0)
+            for k, (n, r, w) in arrays.items()
+            if len(n) > 1
+        }
+        lines = {}
+        for k, (n, r, w) in arrays.items():
             near = sorted(slopes, key=lambda j: (abs(j - k), j))
             slope = slopes[near[0]] if near else 0.0
-            n, r, w = (np.array(v, dtype=float) for v in zip(*pts))
-            lines[k] = (float(np.average(r - slope * (n - 2), weights=w)), slope)
+            lines[k] = (float(np.average(r - slope * n, weights=w)), slope)
         return lines
 
     def forward_ratio(self, n: int, batch_size: int) -> float:
@@ -177,8 +181,10 @@ class MeasuredStepCosts:
         """What was measured (for ``/server_info``): per batch size a plain step's forward
         and the rest of a step (ms), and per bucket each length's forward over a plain one."""
         table = {
-            name: {str(b): round(_median_at(samples, b), 3) for b in sorted(samples)}
-            for name, samples in (("plain_forward_ms", self._plain), ("rest_ms", self._rest))
+            "plain_forward_ms": {
+                str(b): round(self.plain_forward_ms(b), 3) for b in sorted(self._plain)
+            },
+            "rest_ms": {str(b): round(self.rest_ms(b), 3) for b in sorted(self._rest)},
         }
         lines = self._lines()
         for k in sorted(lines):
