@@ -17,67 +17,73 @@
 namespace dflare {
 namespace {
 
-// The helpers below are always inlined into the per-ISA clones of skinny_rows, so the
-// 64-byte vector type never crosses a call boundary (GCC's -Wpsabi note does not apply).
+// The helpers below are always inlined into the per-ISA entry points of skinny_rows, so a
+// vector type never crosses a call boundary (GCC's -Wpsabi note does not apply).
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-constexpr int64_t kLanes = 16;
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+// W floats, one register of the ISA the code is compiled for: 16 (AVX-512), 8 (AVX2), 4.
+// A vector wider than the ISA's registers is split by GCC through memory: a 16-float vector
+// in the AVX2 build read weights at ~5 GB/s, 3x slower than torch's GEMV (measured on an AVX2
+// EPYC), so each ISA gets its own width.
+template <int W>
+struct Lanes {
+  typedef float type __attribute__((vector_size(W * sizeof(float))));
+};
 
-__attribute__((always_inline)) inline Lanes load_lanes(const float* p) {
-  Lanes v;
+template <int W>
+__attribute__((always_inline)) inline typename Lanes<W>::type load_lanes(const float* p) {
+  typename Lanes<W>::type v;
   std::memcpy(&v, p, sizeof v);  // unaligned load
   return v;
 }
 
-// A fixed summation tree, the same in every clone (only the AVX-512 clone fuses multiply-adds,
-// so results can differ in the last bit between CPU generations, never between runs).
-__attribute__((always_inline)) inline float sum_lanes(Lanes v) {
-  float t[kLanes];
+// A fixed summation tree per width: results are the same on every run of one CPU, and may
+// differ in the last bit between ISAs (lane count, fused multiply-adds where the ISA has them).
+template <int W>
+__attribute__((always_inline)) inline float sum_lanes(typename Lanes<W>::type v) {
+  float t[W];
   std::memcpy(t, &v, sizeof v);
-  for (int64_t width = kLanes / 2; width > 0; width /= 2)
-    for (int64_t j = 0; j < width; ++j) t[j] += t[j + width];
+  for (int width = W / 2; width > 0; width /= 2)
+    for (int j = 0; j < width; ++j) t[j] += t[j + width];
   return t[0];
 }
 
 // Rows [n0, n1) of y for M rows of x, R rows of W at a time: the R x M accumulators stay in
-// registers, each loaded W vector serves M FMAs and each x vector R. Compiled for AVX-512,
-// AVX2 and baseline x86-64, picked at load time, so one wheel runs on any x86-64 CPU.
-template <int M, int R>
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-void skinny_rows(const float* x, const float* w, const float* bias, float* y, int64_t K,
-                 int64_t N, int64_t n0, int64_t n1) {
-  const int64_t k_vec = K / kLanes * kLanes;
+// registers, each loaded W vector serves M FMAs and each x vector R.
+template <int L, int M, int R>
+__attribute__((always_inline)) inline void skinny_rows(const float* x, const float* w,
+                                                       const float* bias, float* y, int64_t K,
+                                                       int64_t N, int64_t n0, int64_t n1) {
+  using Vec = typename Lanes<L>::type;
+  const int64_t k_vec = K / L * L;
   for (int64_t n = n0; n < n1; n += R) {
     const int64_t rows = n + R <= n1 ? R : n1 - n;
-    Lanes acc[R][M] = {};
+    Vec acc[R][M] = {};
     if (rows == R) {
-      for (int64_t k = 0; k < k_vec; k += kLanes) {
-        Lanes wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = load_lanes(w + (n + r) * K + k);
+      for (int64_t k = 0; k < k_vec; k += L) {
+        Vec wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = load_lanes<L>(w + (n + r) * K + k);
         // With R > 1 streams the hardware prefetcher alone falls short of bandwidth here
         // (measured ~15% slower); fetch the next group's rows two groups ahead.
         if constexpr (R > 1)
           for (int r = 0; r < R; ++r)
             __builtin_prefetch(w + (n + 2 * R + r) * K + k, /*rw=*/0, /*locality=*/0);
         for (int m = 0; m < M; ++m) {
-          const Lanes xv = load_lanes(x + m * K + k);
+          const Vec xv = load_lanes<L>(x + m * K + k);
           for (int r = 0; r < R; ++r) acc[r][m] += xv * wv[r];
         }
       }
     } else {
-      for (int64_t k = 0; k < k_vec; k += kLanes)
+      for (int64_t k = 0; k < k_vec; k += L)
         for (int64_t r = 0; r < rows; ++r) {
-          const Lanes wv = load_lanes(w + (n + r) * K + k);
-          for (int m = 0; m < M; ++m) acc[r][m] += load_lanes(x + m * K + k) * wv;
+          const Vec wv = load_lanes<L>(w + (n + r) * K + k);
+          for (int m = 0; m < M; ++m) acc[r][m] += load_lanes<L>(x + m * K + k) * wv;
         }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const float* w_row = w + (n + r) * K;
       for (int m = 0; m < M; ++m) {
-        float s = sum_lanes(acc[r][m]);
+        float s = sum_lanes<L>(acc[r][m]);
         for (int64_t k = k_vec; k < K; ++k) s += x[m * K + k] * w_row[k];
         y[m * N + n + r] = bias == nullptr ? s : s + bias[n + r];
       }
@@ -85,13 +91,47 @@ void skinny_rows(const float* x, const float* w, const float* bias, float* y, in
   }
 }
 
+using RowsFn = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t,
+                        int64_t, int64_t);
+
+// One entry point per ISA, picked at run time, so one wheel runs on any x86-64 CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+template <int M, int R>
+__attribute__((target("avx512f"))) void rows_avx512(const float* x, const float* w,
+                                                    const float* b, float* y, int64_t K,
+                                                    int64_t N, int64_t n0, int64_t n1) {
+  skinny_rows<16, M, R>(x, w, b, y, K, N, n0, n1);
+}
+
+template <int M, int R>
+__attribute__((target("avx2,fma"))) void rows_avx2(const float* x, const float* w,
+                                                   const float* b, float* y, int64_t K,
+                                                   int64_t N, int64_t n0, int64_t n1) {
+  skinny_rows<8, M, R>(x, w, b, y, K, N, n0, n1);
+}
+#endif
+
+template <int M, int R>
+void rows_baseline(const float* x, const float* w, const float* b, float* y, int64_t K,
+                   int64_t N, int64_t n0, int64_t n1) {
+  skinny_rows<4, M, R>(x, w, b, y, K, N, n0, n1);
+}
+
+template <int M, int R>
+RowsFn rows_for_this_cpu() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (__builtin_cpu_supports("avx512f")) return rows_avx512<M, R>;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_avx2<M, R>;
+#endif
+  return rows_baseline<M, R>;
+}
+
 template <int M, int R>
 void skinny_linear_m(const float* x, const float* w, const float* bias, float* y, int64_t K,
                      int64_t N) {
+  static const RowsFn rows = rows_for_this_cpu<M, R>();
   // 64 rows of W (~150 KB at K = 576) per task: enough work to amortise a thread wake-up.
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    skinny_rows<M, R>(x, w, bias, y, K, N, n0, n1);
-  });
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { rows(x, w, bias, y, K, N, n0, n1); });
 }
 
 }  // namespace

@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from dflare_sgl._ext import has_kernel
 from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
 from dflare_sgl.sglang_plugin import cpu_compat
 
@@ -326,3 +327,32 @@ def test_verify_block_attention_matches_torch_native(sglang_cpu, causal):
         out = torch.empty_like(query)
         cpu_compat._block_attention(original, backend, query, out, *args, **kwargs)
         assert len(calls) == 1  # not in TARGET_VERIFY: torch_native's own
+
+
+@pytest.mark.skipif(not has_kernel("skinny_linear", "cpu"), reason="extension not built")
+def test_cpu_linears_run_on_skinny_linear(sglang_cpu):
+    """In CPU mode SGLang's unquantized linears and plain lm_head are the project's
+    skinny_linear kernel for 1-8 rows (bit for bit) and F.linear past that."""
+    from sglang.srt.layers.logits_processor import LogitsProcessor
+    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(320, 576, generator=g), requires_grad=False)
+    bias = torch.randn(320, generator=g)
+    processor = object.__new__(LogitsProcessor)  # the fields _compute_lm_head reads
+    processor.use_fp32_lm_head, processor.rl_on_policy_target = False, None
+    with torch.inference_mode():
+        for rows in (1, 2, 5, 8, 9):
+            x = torch.randn(rows, 576, generator=g)
+            expected = torch.ops.dflare.skinny_linear(x, layer.weight, bias) if rows <= 8 else None
+            got = UnquantizedLinearMethod().apply(layer, x, bias)
+            logits = LogitsProcessor._compute_lm_head(processor, x, layer)
+            reference = torch.nn.functional.linear(x, layer.weight, bias)
+            torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-4)
+            if expected is None:
+                assert torch.equal(got, reference)
+                continue
+            assert not torch.equal(expected, reference)  # else the test could not tell
+            assert torch.equal(got, expected)
+            assert torch.equal(logits, torch.ops.dflare.skinny_linear(x, layer.weight, None))

@@ -12,7 +12,9 @@ plain CPU (this project's CI, a laptop trying DFLARE out) it needs:
   target verify both run in that mode): :func:`_forward_extend_target_verify`, with the
   attention of its few new rows only (:func:`_block_attention`);
 * ``Tensor.record_stream`` on CPU tensors (the DFlash worker calls it), and no Triton
-  qk-norm+RoPE kernel in DFlash draft attention.
+  qk-norm+RoPE kernel in DFlash draft attention;
+* not needed but wanted: the few-row linears on the project's CPU kernel
+  (:mod:`.cpu_linears`), in plain and DFLARE servers alike.
 
 :func:`apply` runs from the plugin's entry point only when SGLang is in CPU mode; a GPU
 deployment never executes anything here. Threads: on a small shared box torch's default
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
+
+from dflare_sgl.sglang_plugin import cpu_linears
 
 # The directory holding the `sgl_kernel` stand-in package (put on PYTHONPATH for CPU).
 STANDIN_DIR = Path(__file__).parent / "cpu_standin"
@@ -176,6 +180,8 @@ def apply() -> None:
         _no_triton_qk_norm_rope,
         HookType.AFTER,
     )
+    if cpu_linears.enabled():
+        cpu_linears.install()
     if not getattr(torch.Tensor.record_stream, "_dflare_cpu_safe", False):
         patched = _record_stream_cpu_safe(torch.Tensor.record_stream)
         patched._dflare_cpu_safe = True

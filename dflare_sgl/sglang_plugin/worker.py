@@ -34,6 +34,7 @@ import logging
 from types import SimpleNamespace
 
 import torch
+from sglang.srt.speculative.dflash_utils import is_dense_head_weight
 from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
 from sglang.srt.speculative.draft_worker_common import (
     build_block_pos_offsets,
@@ -44,6 +45,7 @@ from sglang.srt.speculative.spec_tp_sync import SpecTpSyncSite
 from dflare_sgl._ext import require_gpu_kernels
 from dflare_sgl.draft_checkpoint import check_exported_embedding
 from dflare_sgl.layer_mix import layer_mix_kv
+from dflare_sgl.sglang_plugin import cpu_linears
 from dflare_sgl.sglang_plugin.adaptive_length import ServerVerifyLength
 from dflare_sgl.verify import verify_block
 
@@ -116,6 +118,12 @@ class DFlareWorker(DFlashWorkerV2):
         self._length_fixed_by_flag = server_args.speculative_num_draft_tokens is not None
         self._length_state: dict[int, dict] = {}
         self._forward_on_host = torch.device(self.device).type == "cpu"
+        from sglang.srt.runtime_context import get_parallel
+
+        # The draft's greedy head on skinny_linear: one rank holding the whole vocabulary.
+        self._skinny_head = (
+            self._forward_on_host and cpu_linears.enabled() and get_parallel().tp_size == 1
+        )
 
     def _adaptive_lengths(self) -> list[int] | None:
         """The lengths the policy may choose (any of 1 .. B), or None where every step verifies
@@ -337,6 +345,24 @@ class DFlareWorker(DFlashWorkerV2):
         k_caches, v_caches = self._draft_kv_caches()
         with torch.inference_mode():
             layer_mix_kv(hidden, w, positions.to(torch.int64), slots, k_caches, v_caches)
+
+    # --- drafting ----------------------------------------------------------------------------
+
+    def _greedy_sample_from_vocab_parallel_head(self, *, hidden_states, lm_head, chunk_size=256):
+        """The draft's greedy tokens over the target's head: on a CPU with one rank and a
+        plain head, its few rows go through skinny_linear (see :mod:`.cpu_linears`)."""
+        weight = getattr(lm_head, "weight", None)
+        shard = getattr(lm_head, "shard_indices", None)
+        if (
+            self._skinny_head
+            and is_dense_head_weight(weight)
+            and (shard is None or int(shard.num_added_elements) == 0)
+        ):
+            vocab = weight.shape[0] if shard is None else int(shard.num_org_elements)
+            return cpu_linears.greedy_head_tokens(hidden_states, weight[:vocab])
+        return super()._greedy_sample_from_vocab_parallel_head(
+            hidden_states=hidden_states, lm_head=lm_head, chunk_size=chunk_size
+        )
 
     # --- verification ----------------------------------------------------------------------
 
