@@ -21,8 +21,10 @@ CPU server with ``OMP_NUM_THREADS=1`` unless the variable is set. Prompts: SGLan
 random-ids dataset, fixed lengths, seed 0, ``4 x concurrency`` prompts per cell, greedy,
 ``ignore_eos``. Prints one markdown table: output tokens/s of each server per concurrency,
 the ratio to the plain server of the same round (median over ``--repeats`` rounds, each of
-which restarts every server), SGLang's accept length, and the verify lengths
-DFLARE chose (``dflare_verify_lengths`` of ``/server_info``).
+which restarts every server), SGLang's accept length, and the verify lengths DFLARE chose
+(``dflare_verify_lengths`` of ``/server_info``). On CPU every server runs its few-row linears
+on ``skinny_linear``; ``--sglang-linears`` adds the plain server on SGLang's own (the kernel's
+share, apart from drafting's).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from tqdm import tqdm
 
 from dflare_sgl.bundled import default_draft
 from dflare_sgl.draft_model import DFlareDraftModel, DraftConfig
+from dflare_sgl.sglang_plugin.cpu_linears import ENV_SWITCH
 from dflare_sgl.sglang_plugin.server_process import ServerProcess
 from dflare_sgl.target import resolve_target
 
@@ -82,9 +85,11 @@ def _worker_env(worker: str, **files: Path) -> dict[str, str]:
 
 
 def _untrained(bundled: Path, out: Path) -> Path:
-    """A random-weight draft of the bundled draft's shape."""
-    config = DFlareDraftModel.from_pretrained(bundled).config
-    DFlareDraftModel(config, generator=torch.Generator().manual_seed(0)).save_pretrained(out)
+    """A random-weight draft of the bundled draft's shape and draft vocabulary."""
+    trained = DFlareDraftModel.from_pretrained(bundled)
+    untrained = DFlareDraftModel(trained.config, generator=torch.Generator().manual_seed(0))
+    untrained.set_draft_vocab(trained.draft_vocab_ids)
+    untrained.save_pretrained(out)
     return out
 
 
@@ -127,6 +132,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="rounds over every server")
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--bench-timeout", type=float, default=900)
+    p.add_argument("--sglang-linears", action="store_true", help="also the plain server on "
+                   "SGLang's own CPU linears (DFLARE_SKINNY_LINEAR=0): the kernel's share")
     p.add_argument("--json", type=Path, help="also write every cell (with /server_info's "
                    "dflare_verify_lengths) to this file")
     args = p.parse_args()
@@ -136,6 +143,8 @@ def main() -> None:
     untrained = _untrained(bundled, work / "untrained")
 
     servers: list[tuple[str, str, str | None, dict]] = [("none", "-", None, {})]
+    if args.sglang_linears:
+        servers.append(("none, SGLang linears", "-", None, {ENV_SWITCH: "0"}))
     entries = None
     for name in args.drafts:
         for mode in args.modes:

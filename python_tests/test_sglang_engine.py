@@ -56,7 +56,13 @@ def _ids(tokenizer, texts):
 
 
 def _write_draft(
-    target_dir, out_dir, block_size: int, fusion: str = "layerwise", embedding=None, seed=0
+    target_dir,
+    out_dir,
+    block_size: int,
+    fusion: str = "layerwise",
+    embedding=None,
+    seed=0,
+    draft_vocab: int | None = None,
 ):
     from transformers import AutoConfig
 
@@ -73,6 +79,9 @@ def _write_draft(
             draft.hidden_correction.down_proj.weight.normal_(
                 0.0, 1.0, generator=torch.Generator().manual_seed(1)
             )
+    if draft_vocab is not None:  # random target ids: a full-vocabulary head picks others
+        vocab = torch.randperm(config.vocab_size, generator=torch.Generator().manual_seed(2))
+        draft.set_draft_vocab(vocab[:draft_vocab])
     draft.save_pretrained(out_dir, embedding=embedding)
     return out_dir
 
@@ -108,9 +117,10 @@ def reference(smollm2_dir, tokenizer, workdir):
 
 @pytest.fixture(scope="module")
 def dflare_random(smollm2_dir, tokenizer, workdir):
-    """DFLARE with a random-weight draft (block 4): greedy runs, then churn with aborts; the
-    draft's proposals are recorded (drafts.jsonl) for the parity test."""
-    draft = _write_draft(smollm2_dir, workdir / "draft_b4", block_size=4)
+    """DFLARE with a random-weight draft (block 4, proposing 2048 of the target's tokens):
+    greedy runs, then churn with aborts; the draft's proposals are recorded (drafts.jsonl)
+    for the parity test."""
+    draft = _write_draft(smollm2_dir, workdir / "draft_b4", block_size=4, draft_vocab=2048)
     churn_ids = _ids(tokenizer, [f"Count from {i} to {i + 20}:" for i in range(200)])
     churn_params = [
         {"temperature": 0.7 if i % 2 else 0, "max_new_tokens": 6 + i % 11} for i in range(200)
@@ -262,8 +272,8 @@ def test_draft_proposals_match_reference_model(
 ):
     """SGLang's draft classes (QwenDFlareDraftModel; Qwen3DFlyModel with its correction
     chain) with layer_mix_kv context propose the tokens that the package's reference
-    DFlareDraftModel proposes from the same checkpoint and context; after a live weight
-    update, from the new checkpoint."""
+    DFlareDraftModel proposes from the same checkpoint and context (over its reduced
+    vocabulary where it has one); after a live weight update, from the new checkpoint."""
     request.getfixturevalue(served)
     model, _ = smollm2_target
     draft = DFlareDraftModel.from_pretrained(workdir / folder)
@@ -293,11 +303,18 @@ def test_draft_proposals_match_reference_model(
                 out,
                 block_ids[:, 0],
                 model.get_input_embeddings(),
-                lambda h: model.lm_head(h).argmax(-1),
+                _greedy_head(model.lm_head.weight, draft.draft_vocab_ids),
             )[0].tolist()
         matches += sum(a == b for a, b in zip(proposed, r["block"][1:], strict=True))
     # fp32 on both sides; only summation order differs between the two implementations.
     assert matches / (len(records) * (block - 1)) >= 0.95, matches
+
+
+def _greedy_head(weight, vocab_ids):
+    """The draft's greedy pick over the target's head, restricted to ``vocab_ids`` if set."""
+    if vocab_ids is None:
+        return lambda h: (h @ weight.T).argmax(-1)
+    return lambda h: vocab_ids[(h @ weight[vocab_ids].T).argmax(-1)]
 
 
 def test_verify_decision_goes_through_tensor_parallel_sync(dflare_random, workdir):

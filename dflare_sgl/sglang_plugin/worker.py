@@ -124,6 +124,8 @@ class DFlareWorker(DFlashWorkerV2):
         self._skinny_head = (
             self._forward_on_host and cpu_linears.enabled() and get_parallel().tp_size == 1
         )
+        self._draft_head: torch.Tensor | None = None  # the head's draft-vocabulary rows
+        self._draft_head_key: tuple[int, int] | None = None
 
     def _adaptive_lengths(self) -> list[int] | None:
         """The lengths the policy may choose (any of 1 .. B), or None where every step verifies
@@ -349,20 +351,28 @@ class DFlareWorker(DFlashWorkerV2):
     # --- drafting ----------------------------------------------------------------------------
 
     def _greedy_sample_from_vocab_parallel_head(self, *, hidden_states, lm_head, chunk_size=256):
-        """The draft's greedy tokens over the target's head: on a CPU with one rank and a
-        plain head, its few rows go through skinny_linear (see :mod:`.cpu_linears`)."""
+        """The draft's greedy tokens over the target's head. On a CPU with one rank and a
+        plain head: over the draft's own vocabulary where it has one (``draft_vocab_ids``, as
+        the reference engine drafts), its few rows on skinny_linear (see :mod:`.cpu_linears`).
+        Elsewhere SGLang's full-vocabulary head (tensor-parallel, in its CUDA graphs)."""
         weight = getattr(lm_head, "weight", None)
         shard = getattr(lm_head, "shard_indices", None)
-        if (
+        if not (
             self._skinny_head
             and is_dense_head_weight(weight)
             and (shard is None or int(shard.num_added_elements) == 0)
         ):
+            return super()._greedy_sample_from_vocab_parallel_head(
+                hidden_states=hidden_states, lm_head=lm_head, chunk_size=chunk_size
+            )
+        ids = getattr(self.draft_model, "draft_vocab_ids", None)
+        if ids is None:
             vocab = weight.shape[0] if shard is None else int(shard.num_org_elements)
             return cpu_linears.greedy_head_tokens(hidden_states, weight[:vocab])
-        return super()._greedy_sample_from_vocab_parallel_head(
-            hidden_states=hidden_states, lm_head=lm_head, chunk_size=chunk_size
-        )
+        key = (weight.data_ptr(), weight._version)  # a live weight update bumps the version
+        if self._draft_head_key != key:
+            self._draft_head, self._draft_head_key = weight[ids].contiguous(), key
+        return ids[cpu_linears.greedy_head_tokens(hidden_states, self._draft_head)]
 
     # --- verification ----------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ draft KV pool with the fused ``layer_mix_kv`` op, from :meth:`layer_mix_weights`
 Checkpoints (AngelSlim DFlare, or ``dflare init-draft`` / the trainer) load unchanged:
 ``layers.{i}.self_attn.{q,k,v,o}_proj`` and the MLP are stacked into SGLang's fused
 linears by the parent loader, ``k_proj_target / v_proj_target``, ``layer_fusion_weights``
-and ``hidden_norm`` load by name.
+and ``hidden_norm`` load by name, and ``draft_vocab_ids`` (a reduced draft vocabulary)
+becomes :attr:`draft_vocab_ids`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sglang.srt.models.dflash import DFlashDraftModel
 from sglang.srt.runtime_context import get_parallel
 from torch import nn
 
+from dflare_sgl.draft_checkpoint import checked_draft_vocab
 from dflare_sgl.layer_mix import LayerMixWeights
 from dflare_sgl.sglang_plugin.models.layer_mix_params import StackedParameters, context_rope_table
 
@@ -66,6 +68,9 @@ class QwenDFlareDraftModel(DFlashDraftModel):
         self._k_norm = StackedParameters([a.k_norm.weight for a in attns])
         self._rope_table: torch.Tensor | None = None
         self._loaded = False
+        # The target tokens the draft may propose (the checkpoint's ``draft_vocab_ids``), or
+        # None for all of them; the worker's CPU head reads only those rows.
+        self.draft_vocab_ids: torch.Tensor | None = None
 
     def project_target_hidden(self, target_hidden: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(
@@ -88,7 +93,12 @@ class QwenDFlareDraftModel(DFlashDraftModel):
 
         def recorded():
             for name, tensor in weights:
-                seen.add(name.removeprefix("model."))
+                name_in_model = name.removeprefix("model.")
+                seen.add(name_in_model)
+                if name_in_model == "draft_vocab_ids":  # not a parameter: the parent skips it
+                    ids = checked_draft_vocab(tensor, self.config.vocab_size)
+                    self.draft_vocab_ids = ids.to(self.norm.weight.device)
+                    continue
                 yield name, tensor
 
         super().load_weights(recorded())
