@@ -10,6 +10,8 @@ import pytest
 from dflare_sgl.sglang_plugin.adaptive_length import (
     COST_WINDOW,
     EXPLORE_TRIES,
+    PLAIN_REFRESH_STEPS,
+    PLAIN_STEPS,
     MeasuredStepCosts,
     ServerVerifyLength,
     batch_bucket,
@@ -133,18 +135,54 @@ def test_the_rest_of_a_step_is_shared_by_every_length():
 
 def test_first_steps_measure_plain_then_the_longest_and_shortest_draft():
     server, chosen = _serve(range(1, B + 1), 40, lambda s, n: n - 1, cpu_like_ms)
-    assert chosen[:3] == [1, B, 2]
+    assert chosen[: PLAIN_STEPS + 2] == [1] * PLAIN_STEPS + [B, 2]
     # An always-right draft then verifies the whole block.
-    assert chosen[6:] == [B] * (40 - 6)
+    assert chosen[PLAIN_STEPS + 5 :] == [B] * (40 - PLAIN_STEPS - 5)
     # Each step's time was recorded for its own length, as a ratio to the plain step.
     assert server.costs.plain_forward_ms(1) == pytest.approx(cpu_like_ms(1, 1))
     assert server.costs.rest_ms(1) == pytest.approx(REST_MS)
     for n in (2, B):
         step = cpu_like_ms(n, 1) + REST_MS
         assert server.costs.cost(n, 1) == pytest.approx(step / (cpu_like_ms(1, 1) + REST_MS))
-    # A new batch-size bucket measures a plain step, then borrows the drafted ratios.
-    _, chosen = _serve(range(1, B + 1), 3, lambda s, n: n - 1, cpu_like_ms, "abcd", server)
-    assert chosen == [1, B, B]
+    # A new batch-size bucket measures its plain steps, then borrows the drafted ratios.
+    _, chosen = _serve(range(1, B + 1), 5, lambda s, n: n - 1, cpu_like_ms, "abcd", server)
+    assert chosen == [1] * PLAIN_STEPS + [B, B]
+
+
+def test_a_slow_first_plain_step_does_not_make_drafting_look_free():
+    """A server's first plain step can run twice as slow as the rest (warm-up): the plain
+    reference is the median of several, so a drafted step is still priced against ~70 ms."""
+    first = [True]
+
+    def step_ms(n, b):
+        if n == 1 and first[0]:
+            first[0] = False
+            return 160.0
+        return 70.0 if n == 1 else 90.0
+
+    server, _ = _serve(range(1, B + 1), 12, lambda s, n: 0, step_ms)
+    assert server.costs.plain_forward_ms(1) == pytest.approx(70.0)
+    assert server.costs.cost(2, 1) == pytest.approx(91.0 / 71.0)
+
+
+def test_a_drafting_server_refreshes_its_plain_reference():
+    """While every step drafts, one in PLAIN_REFRESH_STEPS per bucket is plain, so plain
+    steps that got slower (or faster) since the server's start are seen; a bucket that is
+    plain anyway takes no extra steps."""
+    slow = [False]
+
+    def step_ms(n, b):
+        return (140.0 if slow[0] else 70.0) if n == 1 else 80.0
+
+    server, chosen = _serve(range(1, B + 1), 200, lambda s, n: n - 1, step_ms)
+    drafting = chosen[PLAIN_STEPS + 2 :]
+    assert drafting.count(1) == len(drafting) // (PLAIN_REFRESH_STEPS + 1)
+    slow[0] = True  # plain steps now cost more: drafting is cheaper than it looked
+    server, _ = _serve(range(1, B + 1), 6 * PLAIN_REFRESH_STEPS, lambda s, n: n - 1, step_ms,
+                       server=server)  # fmt: skip
+    assert server.costs.plain_forward_ms(1) == pytest.approx(140.0)
+    _, chosen = _serve(range(1, B + 1), 300, lambda s, n: 0, cpu_like_ms)
+    assert set(chosen[10:]) == {1, 2}  # a useless draft: plain steps and rare probes only
 
 
 def test_exploration_tries_are_capped():
@@ -193,6 +231,8 @@ def test_fixed_length_keeps_the_histogram():
 def test_late_reports_and_finished_requests():
     clock = FakeClock()
     server = ServerVerifyLength(B, range(1, B + 1), capacity=4, clock=clock)
+    for _ in range(PLAIN_STEPS):  # plain steps measured: the next two steps draft
+        server.costs.record(1, 2, 10.0, 9.0)
     # Overlap scheduling: step t's counts arrive after step t+1 was decided.
     first = server.begin_decode(["a", "b"])
     second = server.begin_decode(["a", "b"])

@@ -13,9 +13,13 @@ batch-wide record, hysteresis, probes); this module adapts its inputs to a serve
   between), split into the worker's forward, which is the step length's own, and the
   scheduler's work around it, which every length pays; a step's cost is relative to a plain
   step's at the same batch size (:class:`MeasuredStepCosts`). The server calibrates
-  itself on first use: the first decode step at each new batch-size bucket is plain, and
-  the first steps of the server's life draft the longest and the shortest length once; the
-  policy's own choices and its probes measure the rest.
+  itself on first use: the first ``PLAIN_STEPS`` decode steps at each new batch-size bucket
+  are plain, and the first steps of the server's life draft the longest and the shortest
+  length once; the policy's own choices and its probes measure the rest. While it drafts, one
+  step in ``PLAIN_REFRESH_STEPS`` at a bucket is plain, so the reference every drafted
+  length is priced against stays current (otherwise it is whatever the server's first steps
+  measured: one slow first step, 157 ms against ~70 typical, once made every drafted length
+  look cheaper than plain decoding).
 * **Acceptance arrives late.** SGLang hands the accepted counts to the worker once they are on
   the host (``on_verify_complete_cpu``), a step late under the overlap scheduler; the
   steps decided but not yet reported wait in order, so no extra device sync is needed.
@@ -38,6 +42,10 @@ from dflare_sgl.verify_length import AdaptiveVerifyLength
 
 # Exploration steps at most per batch-size bucket (:meth:`ServerVerifyLength._exploration`).
 EXPLORE_TRIES = 6
+# Plain steps a bucket measures before its drafted steps are priced (the median of three
+# outvotes one slow step), and decode steps at a bucket between two plain ones while it drafts.
+PLAIN_STEPS = 3
+PLAIN_REFRESH_STEPS = 64
 # Steps whose times make up a cost: a batch size's plain step, a (length, bucket)'s ratio.
 COST_WINDOW = 5
 
@@ -96,9 +104,9 @@ class MeasuredStepCosts:
             key = (n, batch_bucket(batch_size))
             self._drafted.setdefault(key, deque(maxlen=COST_WINDOW)).append((batch_size, forward))
 
-    def has_plain(self, bucket: int) -> bool:
-        """Whether a plain step of a batch size in ``bucket`` was measured."""
-        return any(batch_bucket(b) == bucket for b in self._plain)
+    def plain_steps(self, bucket: int) -> int:
+        """How many plain steps of batch sizes in ``bucket`` are kept."""
+        return sum(len(ms) for b, ms in self._plain.items() if batch_bucket(b) == bucket)
 
     def measured(self, n: int) -> bool:
         """Whether a step of length ``n`` was measured (in any bucket)."""
@@ -237,6 +245,7 @@ class ServerVerifyLength:
         self._rows: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self._explored: Counter[int] = Counter()  # exploration steps taken per bucket
+        self._since_plain: Counter[int] = Counter()  # decode steps per bucket since a plain one
         # Measured once per server; the lengths between are interpolated until chosen.
         drafted = self.lengths[1:]
         self._explore_lengths = sorted({drafted[0], drafted[-1]}, reverse=True) if drafted else []
@@ -311,17 +320,23 @@ class ServerVerifyLength:
         rows = [self._row(r, rids) for r in rids]
         if not self.adaptive:
             return self.max_length
-        explore = self._exploration(batch_bucket(len(rids)))
-        return explore if explore is not None else self.policy.choose(rows)
+        bucket = batch_bucket(len(rids))
+        n = self._exploration(bucket)
+        if n is None and self._since_plain[bucket] >= PLAIN_REFRESH_STEPS:
+            n = 1  # the plain reference of a bucket that drafts, refreshed
+        if n is None:
+            n = self.policy.choose(rows)
+        self._since_plain[bucket] = 0 if n == 1 else self._since_plain[bucket] + 1
+        return n
 
     def _exploration(self, bucket: int) -> int | None:
-        """The length to measure now, if any: a plain step in a bucket with none (drafted
-        steps are priced against it), and once per server the longest and the shortest
-        drafted length. Tries per bucket are capped: a prefill between two decode steps leaves
+        """The length to measure now, if any: a plain step in a bucket with fewer than
+        ``PLAIN_STEPS`` (drafted steps are priced against them), and once per server the
+        longest and the shortest drafted length. Tries per bucket are capped: a prefill between two decode steps leaves
         the first unmeasured, and a server that always admits requests must not explore on."""
         if self._explored[bucket] >= EXPLORE_TRIES:
             return None
-        wanted = [] if self.costs.has_plain(bucket) else [1]
+        wanted = [] if self.costs.plain_steps(bucket) >= PLAIN_STEPS else [1]
         wanted += [n for n in self._explore_lengths if not self.costs.measured(n)]
         if not wanted:
             return None
