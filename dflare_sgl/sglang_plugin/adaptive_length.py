@@ -332,8 +332,9 @@ class ServerVerifyLength:
     def _exploration(self, bucket: int) -> int | None:
         """The length to measure now, if any: a plain step in a bucket with fewer than
         ``PLAIN_STEPS`` (drafted steps are priced against them), and once per server the
-        longest and the shortest drafted length. Tries per bucket are capped: a prefill between two decode steps leaves
-        the first unmeasured, and a server that always admits requests must not explore on."""
+        longest and the shortest drafted length. Tries per bucket are capped: a prefill
+        between two decode steps leaves the first unmeasured, and a server that always admits
+        requests must not explore on."""
         if self._explored[bucket] >= EXPLORE_TRIES:
             return None
         wanted = [] if self.costs.plain_steps(bucket) >= PLAIN_STEPS else [1]
